@@ -1,0 +1,1 @@
+"""trellis data_pipeline."""

@@ -1,0 +1,1 @@
+"""trellis launcher: the CLI, config loading and job entry points."""
