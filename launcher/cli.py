@@ -11,6 +11,10 @@ from launcher.config import ConfigError
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("launcher.pretrain", "pretrain a GPT (clm), BERT (mlm) or distilled student"),
+    "cluster": ("launcher.cluster_cmd", "start/stop/show a local Ray head (loopback, token auth)"),
+    "submit": ("launcher.jobs", "submit a job config to a Ray cluster (Ray Jobs API)"),
+    "jobs": ("launcher.jobs", "list submitted jobs; status, logs or stop one"),
+    "plot": ("launcher.plot", "render PNG curves from a run directory's metrics CSVs"),
 }
 
 

@@ -1,1 +1,36 @@
-"""trellis parallel."""
+"""trellis parallel: everything distributed.
+
+config        OptimConfig, ParallelConfig, CheckpointConfig (stdlib dataclasses)
+batch         BatchPlan: micro-batch x accumulation x world arithmetic
+schedule      warmup + cosine learning-rate factor
+dist          process-group init (gloo on CPU, NCCL on GPU), free_port, device_for_rank
+engine        Engine: the one DeepSpeed-backed engine interface trainers use
+checkpoint    atomic checkpoints with COMPLETE marker, per-rank state, prune
+worker_group  WorkerGroup (Ray actors = one process group), LocalGroup, WorkerDied, ensure_ray
+
+Importing this package imports neither DeepSpeed nor Ray (nor torch): names below other
+than the configs and BatchPlan load their module on first use.
+"""
+from importlib import import_module
+
+from parallel.batch import BatchPlan
+from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+
+_LAZY = {
+    "Engine": "parallel.engine", "ds_config": "parallel.engine",
+    "zero_init_context": "parallel.engine",
+    "init_distributed": "parallel.dist", "free_port": "parallel.dist",
+    "device_for_rank": "parallel.dist",
+    "save_checkpoint": "parallel.checkpoint", "load_checkpoint": "parallel.checkpoint",
+    "latest_complete": "parallel.checkpoint", "prune": "parallel.checkpoint",
+    "WorkerGroup": "parallel.worker_group", "LocalGroup": "parallel.worker_group",
+    "WorkerDied": "parallel.worker_group", "ensure_ray": "parallel.worker_group",
+}
+
+__all__ = ["BatchPlan", "CheckpointConfig", "OptimConfig", "ParallelConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'parallel' has no attribute {name!r}")

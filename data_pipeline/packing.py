@@ -1,0 +1,234 @@
+"""The reading engine behind TokenStream: which document comes next, and packing.
+
+Epoch order of one source (the same on every rank and worker; depends only on seed, epoch
+and source name): shards in a permuted order, then documents permuted within consecutive
+windows of ``shuffle_buffer`` documents of that sequence (block shuffle). Consumer c of C
+(C = world_size * loader_workers) reads positions c, c + C, c + 2C, ... of that order, so
+consumers never overlap and together read every document exactly once per epoch.
+
+A consumer's position is three integers per source (epoch, index in its sequence, token
+offset in the current document) plus mixing counters: that is the whole resumable state,
+because every order is recomputed from (seed, epoch) instead of being stored.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.shards import DataError, ShardArrays, check_tokenizer, load_manifest, open_shard
+
+IDENTITY_WINDOW = 1 << 16  # window size when documents are not shuffled (amortizes lookups)
+
+
+class Source:
+    """An ingested dataset opened for one split: per-shard document ranges and lazy mmaps."""
+
+    def __init__(self, name: str, path: str, split: str, val_fraction: float, tokenizer: Any):
+        m = load_manifest(path)
+        if m["kind"] != "tokens":
+            raise DataError(f"{path}: manifest kind is '{m['kind']}', not 'tokens'")
+        check_tokenizer(m, tokenizer)
+        self.name, self.manifest, self.root = name, m, Path(m["root"])
+        self.key = zlib.crc32(name.encode())
+        self.eos_id = int(m["tokenizer"].get("eos_id", 3))
+        self.pad_id = int(m["tokenizer"].get("pad_id", 0))
+        self.dtype = np.dtype(m["token_dtype"])
+        shard_idx, starts, counts = [], [], []
+        for i, s in enumerate(m["shards"]):
+            n = s["num_documents"]
+            v = math.ceil(n * val_fraction) if val_fraction > 0 else 0
+            v = min(v, n - 1) if n > 1 else v  # keep at least one training document
+            lo, cnt = (0, n - v) if split == "train" else (n - v, v)
+            if cnt > 0:
+                shard_idx.append(i), starts.append(lo), counts.append(cnt)
+        self.shard_idx = np.asarray(shard_idx, dtype=np.int64)
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.num_docs = int(self.counts.sum())
+        if self.num_docs == 0:
+            raise DataError(f"{self.root}: no documents in the '{split}' split")
+        self._open: dict[int, ShardArrays] = {}
+
+    def arrays(self, shard: int) -> ShardArrays:
+        a = self._open.get(shard)
+        if a is None:
+            s = self.manifest["shards"][shard]
+            a = open_shard(self.root / s["path"], s["num_documents"], s["num_tokens"])
+            self._open[shard] = a
+        return a
+
+    def __getstate__(self) -> dict:  # DataLoader workers re-map shards after the fork/spawn
+        d = dict(self.__dict__)
+        d["_open"] = {}
+        return d
+
+
+@dataclass
+class EpochPlan:
+    """Global document order of one source in one epoch (shared by all consumers)."""
+
+    shard: np.ndarray  # (V,) shard index of each view, in epoch order
+    start: np.ndarray  # (V,) first row of each view
+    cum: np.ndarray    # (V,) epoch position of each view's first document
+    window: int
+    seed: tuple | None  # None: documents are not permuted within windows
+    num_docs: int
+
+    @classmethod
+    def build(cls, src: Source, seed: int, epoch: int, shuffle: bool, buffer: int) -> "EpochPlan":
+        order = np.arange(len(src.counts))
+        if shuffle:
+            order = np.random.default_rng([seed, epoch, src.key, 0]).permutation(order)
+        counts = src.counts[order]
+        cum = np.zeros(len(order), dtype=np.int64)
+        np.cumsum(counts[:-1], out=cum[1:])
+        permute = shuffle and buffer > 1
+        return cls(src.shard_idx[order], src.starts[order], cum,
+                   buffer if permute else IDENTITY_WINDOW,
+                   (seed, epoch, src.key) if permute else None, src.num_docs)
+
+    def window_refs(self, k: int, c: int, C: int) -> tuple[int, list[int], list[int]]:
+        """Consumer c's documents in window k: (first consumer index, shards, rows)."""
+        lo, hi = k * self.window, min((k + 1) * self.window, self.num_docs)
+        p_lo, p_hi = max(0, -(-(lo - c) // C)), max(0, -(-(hi - c) // C))
+        g = c + np.arange(p_lo, p_hi, dtype=np.int64) * C
+        q = g
+        if self.seed is not None:
+            perm = np.random.default_rng([*self.seed, 1, k]).permutation(hi - lo)
+            q = lo + perm[g - lo]
+        idx = np.searchsorted(self.cum, q, side="right") - 1
+        return p_lo, self.shard[idx].tolist(), (self.start[idx] + q - self.cum[idx]).tolist()
+
+
+class Cursor:
+    """One consumer's position in one source: epoch, index into its sequence, token offset."""
+
+    def __init__(self, src: Source, c: int, C: int, seed: int, shuffle: bool, buffer: int,
+                 epoch: int, pos: int = 0, offset: int = 0):
+        self.src, self.c, self.C = src, c, C
+        self.seed, self.shuffle, self.buffer = seed, shuffle, buffer
+        self.per_epoch = max(0, -(-(src.num_docs - c) // C))
+        if self.per_epoch == 0:
+            raise DataError(f"{src.root}: {src.num_docs} documents cannot feed {C} readers "
+                            "(world_size x loader_workers); use fewer or ingest more data")
+        self.epoch, self.pos, self.offset = epoch, pos, offset
+        self._plan: EpochPlan | None = None
+        self._win = (-1, 0, [], [])
+
+    def exhausted(self) -> bool:
+        return self.pos >= self.per_epoch
+
+    def next_epoch(self) -> None:
+        self.epoch, self.pos, self.offset, self._plan = self.epoch + 1, 0, 0, None
+        self._win = (-1, 0, [], [])
+
+    def doc(self) -> tuple[np.ndarray, int, int]:
+        """(shard values, first token index, length) of the document at the cursor."""
+        if self._plan is None:
+            self._plan = EpochPlan.build(self.src, self.seed, self.epoch, self.shuffle,
+                                         self.buffer)
+        k = (self.c + self.pos * self.C) // self._plan.window
+        if self._win[0] != k:
+            self._win = (k, *self._plan.window_refs(k, self.c, self.C))
+        _, p_lo, shards, rows = self._win
+        i = self.pos - p_lo
+        arr = self.src.arrays(shards[i])
+        a, b = arr.offsets[rows[i]], arr.offsets[rows[i] + 1]
+        return arr.values, int(a), int(b - a)
+
+
+class Packer:
+    """Fills token buffers with one consumer's packed stream: documents from the mixed
+    sources, each followed by EOS, in order; optionally with document ids and positions."""
+
+    def __init__(self, sources: list[Source], weights: list[float], mix_by: str,
+                 c: int, C: int, seed: int, shuffle: bool, buffer: int, epoch: int,
+                 infinite: bool, packing: bool, state: dict | None = None):
+        self.sources, self.mix_by, self.infinite, self.packing = sources, mix_by, infinite, packing
+        self.w = weights
+        st = state or {}
+        epochs = st.get("epoch", [epoch] * len(sources))
+        pos, off = st.get("pos", [0] * len(sources)), st.get("offset", [0] * len(sources))
+        self.cursors = [Cursor(s, c, C, seed, shuffle, buffer, epochs[i], pos[i], off[i])
+                        for i, s in enumerate(sources)]
+        self.counts = list(st.get("counts", [0] * len(sources)))
+        self.cur: int = st.get("cur", -1)
+        self.carry: list[int] | None = st.get("carry")
+        self.doc_counter: int = st.get("doc_counter", 0)
+        self.step: int = st.get("step", 0)
+        self.done: bool = st.get("done", False)
+        self.eos = sources[0].eos_id
+        self._doc: tuple[np.ndarray, int, int] | None = None
+
+    def state(self) -> dict:
+        return {"epoch": [c.epoch for c in self.cursors], "pos": [c.pos for c in self.cursors],
+                "offset": [c.offset for c in self.cursors], "counts": list(self.counts),
+                "cur": self.cur, "carry": self.carry, "doc_counter": self.doc_counter,
+                "step": self.step, "done": self.done}
+
+    @property
+    def epoch(self) -> int:
+        return self.cursors[0].epoch
+
+    def _select(self) -> int:
+        """Next source: the one furthest below its weight share (deterministic, exact)."""
+        best, best_v = -1, math.inf
+        for s, cur in enumerate(self.cursors):
+            if self.w[s] <= 0 or (not self.infinite and cur.exhausted()):
+                continue
+            v = self.counts[s] / self.w[s]
+            if v < best_v:
+                best, best_v = s, v
+        return best
+
+    def _start_doc(self) -> bool:
+        s = self._select()
+        if s < 0:
+            return False
+        cur = self.cursors[s]
+        if cur.exhausted():  # infinite: this source's next epoch begins
+            cur.next_epoch()
+        self.cur, self._doc = s, cur.doc()
+        self.counts[s] += self._doc[2] + 1 if self.mix_by == "tokens" else 1
+        return True
+
+    def fill(self, tok: np.ndarray, doc: np.ndarray | None, pos: np.ndarray | None,
+             boundary_stop: bool = False) -> int:
+        """Write up to len(tok) next tokens; returns how many (fewer only at the end of a
+        finite epoch, or with boundary_stop after the first EOS, for unpacked blocks)."""
+        n, i = len(tok), 0
+        while i < n:
+            if self.cur < 0:
+                if not self._start_doc():
+                    self.done = True
+                    break
+            cur = self.cursors[self.cur]
+            if self._doc is None:
+                self._doc = cur.doc()
+            vals, start, length = self._doc
+            o = cur.offset
+            if o < length:
+                take = min(n - i, length - o)
+                tok[i:i + take] = vals[start + o:start + o + take]
+                if pos is not None:
+                    pos[i:i + take] = np.arange(o, o + take)
+                    doc[i:i + take] = self.doc_counter
+                i, o = i + take, o + take
+            if o == length and i < n:
+                tok[i] = self.eos
+                if pos is not None:
+                    pos[i], doc[i] = o, self.doc_counter
+                i, o = i + 1, o + 1
+            cur.offset = o
+            if o == length + 1:  # document and its EOS delivered
+                cur.pos, cur.offset = cur.pos + 1, 0
+                self.cur, self._doc = -1, None
+                self.doc_counter += 1
+                if boundary_stop:
+                    break
+        return i

@@ -1,0 +1,66 @@
+"""ModelConfig: one dataclass for both architectures (GPT decoder, BERT encoder)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model.presets import PRESETS
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["gpt", "bert"] = "gpt"
+    """gpt: GPT-2 causal decoder (pre-LN); bert: original BERT encoder (post-LN)."""
+    preset: str = ""
+    """Name of a size preset (model/presets.py); the config loader fills its values."""
+    vocab_size: int = field(default=2000, metadata={"min": 8})
+    """Token vocabulary size (must match the tokenizer)."""
+    n_layer: int = field(default=4, metadata={"min": 1})
+    """Number of transformer blocks."""
+    n_head: int = field(default=4, metadata={"min": 1})
+    """Attention heads per block; must divide d_model."""
+    d_model: int = field(default=128, metadata={"min": 8})
+    """Hidden size."""
+    d_ff: int = field(default=0, metadata={"min": 0})
+    """MLP inner size; 0 means 4 * d_model."""
+    max_seq_len: int = field(default=256, metadata={"min": 1})
+    """Number of learned positions (longest sequence the model accepts)."""
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    """Dropout on embeddings, attention probabilities and residual branches."""
+    layer_norm_eps: float = field(default=1e-5, metadata={"min": 0.0})
+    """LayerNorm epsilon (GPT-2 1e-5, BERT 1e-12)."""
+    type_vocab_size: int = field(default=2, metadata={"min": 1})
+    """BERT token-type (segment) vocabulary size."""
+    pad_id: int = field(default=0, metadata={"min": 0})
+    """Padding token id."""
+    num_labels: int = field(default=2, metadata={"min": 1})
+    """Classes of the BERT sequence-classification head."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head != 0:
+            raise ValueError(f"n_head={self.n_head} must divide d_model={self.d_model}")
+        if self.pad_id >= self.vocab_size:
+            raise ValueError(f"pad_id={self.pad_id} must be < vocab_size={self.vocab_size}")
+
+    @property
+    def ff_dim(self) -> int:
+        """The MLP inner size actually used."""
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def preset_values(cls, name: str) -> dict:
+        """Field values of a preset; KeyError naming the allowed ones if unknown."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset '{name}' (allowed: {', '.join(PRESETS)})")
+        return {**PRESETS[name], "preset": name}
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        """Build directly from a preset (outside the YAML loader)."""
+        return cls(**{**cls.preset_values(name), **overrides})

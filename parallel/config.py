@@ -1,0 +1,78 @@
+"""Config dataclasses for the distributed layer (stdlib only; validated by launcher.config).
+
+OptimConfig    the AdamW optimizer and its warmup + cosine learning-rate schedule.
+ParallelConfig world size, ZeRO stage, offload, precision, micro-batch/accumulation, placement.
+CheckpointConfig how often to checkpoint, how many to keep, whether to resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class OptimConfig:
+    lr: float = field(default=3e-4, metadata={"min": 0.0})
+    """Peak learning rate, reached after warmup."""
+    weight_decay: float = field(default=0.1, metadata={"min": 0.0})
+    """AdamW decoupled weight decay; applied to weights of dim >= 2 only (not biases/norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2), each in [0, 1)."""
+    eps: float = field(default=1e-8, metadata={"min": 0.0})
+    """AdamW epsilon."""
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    """Optimizer steps of linear warmup from lr/warmup_steps up to lr."""
+    min_lr_ratio: float = field(default=0.1, metadata={"min": 0.0, "max": 1.0})
+    """After warmup, cosine decay from lr to lr * min_lr_ratio over the remaining steps."""
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})
+    """Clip the global gradient 2-norm to this value; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+
+
+@dataclass
+class ParallelConfig:
+    num_workers: int = field(default=1, metadata={"min": 1})
+    """World size: data-parallel ranks (one Ray actor each)."""
+    zero_stage: int = field(default=0, metadata={"min": 0, "max": 3})
+    """DeepSpeed ZeRO stage: 0 plain DDP, 1 shards optimizer state, 2 + gradients, 3 + params."""
+    offload_optimizer: bool = False
+    """Keep optimizer state (and its step) on CPU memory; needs zero_stage >= 1."""
+    offload_params: bool = False
+    """Keep partitioned parameters on CPU memory; needs zero_stage 3."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision; bf16/fp16 keep fp32 master weights in the optimizer."""
+    micro_batch_size: int = field(default=8, metadata={"min": 1})
+    """Sequences per rank per forward/backward."""
+    grad_accum: int = field(default=1, metadata={"min": 1})
+    """Micro-batches accumulated per optimizer step."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto = nccl when CUDA is available, else gloo."""
+    placement: Literal["PACK", "SPREAD"] = "PACK"
+    """Ray placement-group strategy for this group's workers."""
+    cpus_per_worker: float = field(default=0.4, metadata={"min": 0.0})
+    """Ray CPU reservation per worker; fractional so several groups can share a node."""
+    gpus_per_worker: float = field(default=0.0, metadata={"min": 0.0})
+    """Ray GPU reservation per worker; fractional values let groups share a GPU."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (if the model provides set_activation_checkpointing)."""
+    seed: int = 0
+    """Seed for model init and per-rank RNGs."""
+
+    def __post_init__(self) -> None:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1, got zero_stage 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = field(default=0, metadata={"min": 0})
+    """Save every this many optimizer steps; 0 saves only at the end."""
+    keep_last: int = field(default=2, metadata={"min": 1})
+    """Complete checkpoints kept; older ones are deleted after each save."""
+    resume: bool = True
+    """Resume from the latest complete checkpoint in the run directory when there is one."""

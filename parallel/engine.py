@@ -1,0 +1,271 @@
+"""Engine: the one training/inference engine interface trainers use (DeepSpeed inside).
+
+Trainers call forward/backward/step/save/load here and never `deepspeed.*` directly. The
+DeepSpeed config is built from our dataclasses by `ds_config`; the learning-rate schedule is
+ours (parallel.schedule) passed to DeepSpeed as a torch LambdaLR.
+
+Typical loop, one call per micro-batch:
+    loss = loss_fn(engine(x), y); engine.backward(loss); info = engine.step()
+`info` is {} between accumulation boundaries and {step, lr, grad_norm} after an optimizer step.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from parallel import dist
+from parallel.batch import BatchPlan
+from parallel.config import OptimConfig, ParallelConfig
+from parallel.schedule import make_lambda_lr
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed writes an engine checkpoint into <dir>/<tag>/; one fixed tag per directory because
+# step numbering lives in our checkpoint directory names (parallel.checkpoint).
+TAG = "engine"
+
+
+def ds_config(optim: OptimConfig | None, par: ParallelConfig, plan: BatchPlan,
+              trainable: bool = True) -> dict[str, Any]:
+    """DeepSpeed config dict from our configs. Pure: no DeepSpeed import, testable."""
+    on_gpu = torch.cuda.is_available()
+    stage = par.zero_stage if trainable else (3 if par.zero_stage == 3 else 0)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1 and par.offload_optimizer and trainable:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if stage == 3 and par.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "train_batch_size": plan.global_batch_sequences,
+        "zero_optimization": zero,
+        "bf16": {"enabled": par.precision == "bf16"},
+        "fp16": {"enabled": par.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if trainable:
+        if optim is None:
+            raise ValueError("a trainable engine needs an OptimConfig")
+        cfg["gradient_clipping"] = optim.grad_clip
+        # torch_adam: torch.optim.AdamW instead of JIT-built fused/cpu Adam (50 s builds on CPU);
+        # with offload DeepSpeed would otherwise insist on its own CPU Adam.
+        cfg["optimizer"] = {"type": "AdamW", "params": {
+            "lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+            "weight_decay": optim.weight_decay, "torch_adam": True}}
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    return cfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices/embeddings (dim >= 2), not biases or norm gains (GPT-2/nanoGPT recipe)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # ZeRO-3 params are flat
+        (decay if ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> bool:
+    """Turn on activation checkpointing via the model's own hook; False when it has none."""
+    method = getattr(model, "set_activation_checkpointing", None)
+    if callable(method):
+        method(True)
+        return True
+    try:
+        from model.build import set_activation_checkpointing  # lazily: model/ is optional here
+    except ImportError:
+        log.warning("activation_checkpointing requested but %s has no "
+                    "set_activation_checkpointing and model.build provides none; skipped",
+                    type(model).__name__)
+        return False
+    set_activation_checkpointing(model, True)
+    return True
+
+
+def zero_init_context(par: ParallelConfig, plan: BatchPlan | None = None):
+    """Context to build a model already partitioned under ZeRO-3 (no full copy on any rank);
+    a no-op context for other stages. Needs the process group. Build layers separately
+    (deep-copied layers fail under zero.Init)."""
+    if par.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+    plan = plan or BatchPlan.from_config(par, seq_len=1, world_size=dist.get_world_size())
+    return deepspeed.zero.Init(config_dict_or_path=ds_config(None, par, plan, trainable=False))
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs config dumps at INFO and ZeRO-3 trips torch's collective-rename
+    FutureWarnings every step; TRELLIS_DS_VERBOSE=1 keeps them."""
+    if os.environ.get("TRELLIS_DS_VERBOSE"):
+        return
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r".*torch\.distributed\.\w+` is deprecated")
+
+
+class Engine:
+    """A DeepSpeed engine over `model`, configured from our dataclasses.
+
+    trainable=False gives a frozen inference engine (no optimizer; ZeRO-3 partitioned when
+    par.zero_stage == 3), e.g. for reference and reward models.
+    Creates a single-process group when none exists (in-process / --local use).
+    """
+
+    def __init__(self, model: nn.Module, optim: OptimConfig | None, par: ParallelConfig,
+                 total_steps: int, trainable: bool = True, plan: BatchPlan | None = None):
+        import deepspeed
+        if not dist.is_initialized():
+            dist.init_distributed(0, 1, backend=par.backend)
+        _quiet_deepspeed()
+        world = dist.get_world_size()
+        self.plan = plan or BatchPlan.from_config(par, seq_len=1, world_size=world)
+        if self.plan.world != world:
+            raise ValueError(f"batch plan is for {self.plan.world} ranks, process group has {world}")
+        if trainable and total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.par, self.optim, self.total_steps, self.trainable = par, optim, total_steps, trainable
+        self.config = ds_config(optim, par, self.plan, trainable)
+        self.zero_stage = self.config["zero_optimization"]["stage"]
+        if par.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if trainable:
+            self._ds, *_ = deepspeed.initialize(
+                model=model, model_parameters=param_groups(model, optim.weight_decay),
+                config=self.config, lr_scheduler=make_lambda_lr(optim, total_steps))
+        else:
+            model.requires_grad_(False)
+            self._ds, *_ = deepspeed.initialize(model=model, config=self.config)
+            self._ds.eval()
+        # Stage 0 fp32 has no DeepSpeed wrapper optimizer that records the gradient norm.
+        self._manual_norm = trainable and self.zero_stage == 0 and par.precision == "fp32"
+
+    # ---- running -------------------------------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The underlying nn.Module (ZeRO-3 params are gathered by hooks during forward)."""
+        return self._ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self._ds.device)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (restored by load)."""
+        return int(self._ds.global_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self._ds.get_lr()[0]) if self.trainable else 0.0
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self.forward(*args, **kw)
+
+    def forward(self, *args: Any, **kw: Any) -> Any:
+        return self._ds(*args, **kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch loss (DeepSpeed scales it by 1/grad_accum)."""
+        self._require_trainable("backward")
+        self._ds.backward(loss)
+
+    def step(self) -> dict[str, float]:
+        """End of a micro-batch; at the accumulation boundary also an optimizer step.
+        Returns {} or {'step', 'lr' (used by this step), 'grad_norm' (pre-clip)}."""
+        self._require_trainable("step")
+        boundary = self._ds.is_gradient_accumulation_boundary()
+        lr = self.lr
+        norm = self._grad_norm() if boundary and self._manual_norm else None
+        self._ds.step()
+        if not boundary:
+            return {}
+        if norm is None:
+            norm = self._ds.get_global_grad_norm()
+        info = {"step": self.global_step, "lr": lr}
+        if norm is not None:
+            info["grad_norm"] = float(norm)
+        return info
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad.detach().float().norm() for p in self.module.parameters()
+                 if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def eval(self) -> "Engine":
+        self._ds.eval()
+        return self
+
+    def train(self) -> "Engine":
+        self._require_trainable("train")
+        self._ds.train()
+        return self
+
+    def _require_trainable(self, what: str) -> None:
+        if not self.trainable:
+            raise RuntimeError(f"Engine.{what}() on a frozen (trainable=False) engine")
+
+    # ---- parameters ----------------------------------------------------------------------
+    def local_param_numel(self) -> int:
+        """Parameter elements this rank holds (its ZeRO-3 partition, else every element)."""
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                   for p in self.module.parameters())
+
+    def global_param_numel(self) -> int:
+        return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                   for p in self.module.parameters())
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full module state dict as fp32 CPU tensors, on every rank. Collective under ZeRO-3
+        (all ranks must call). Under bf16/fp16 these are the compute weights upcast; the fp32
+        master weights come from consolidate(checkpoint)."""
+        params = list(self.module.parameters())
+        ctx = contextlib.nullcontext()
+        if any(hasattr(p, "ds_id") for p in params):
+            import deepspeed
+            ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with ctx:
+            return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self, directory: str | Path, client_state: dict | None = None) -> None:
+        """Collective: every rank writes its shards into `directory`."""
+        self._ds.save_checkpoint(str(directory), tag=TAG, client_state=client_state or {})
+
+    def load(self, directory: str | Path) -> dict:
+        """Collective: restore module, optimizer, scheduler and step; returns client_state."""
+        path, client_state = self._ds.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=self.trainable,
+            load_lr_scheduler_states=self.trainable)
+        if path is None:
+            raise FileNotFoundError(f"no engine checkpoint in '{directory}'")
+        return dict(client_state or {})
+
+    @staticmethod
+    def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
+        """fp32 state dict from an engine checkpoint written by save(), on one process:
+        DeepSpeed's zero_to_fp32 for ZeRO 1-3, the saved module for stage 0."""
+        tag_dir = Path(directory) / TAG
+        if not tag_dir.is_dir():
+            raise FileNotFoundError(f"no engine checkpoint in '{directory}'")
+        if glob.glob(str(tag_dir / "*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+        else:
+            # DeepSpeed's own model-state file (config objects inside, so not weights_only).
+            sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                            weights_only=False)["module"]
+        return {k: v.float() for k, v in sd.items()}

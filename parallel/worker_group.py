@@ -1,0 +1,293 @@
+"""WorkerGroup: N Ray actors forming one torch.distributed group; LocalGroup: the same
+interface in-process (world size 1, no Ray) for --local runs and debugging.
+
+The actor is generic: it wraps a user "worker class" (a class, or an import path
+"pkg.module:Class"), constructed in each actor as cls(rank, world_size, **worker_kwargs)
+after the process group exists, so its constructor may build an Engine. Calls fan out:
+
+    group = WorkerGroup(Trainer, par, role="pretrain", worker_kwargs={"cfg": cfg})
+    losses = group.call("train_step", batch_idx)        # [rank0 result, rank1 result, ...]
+    refs = group.call_async("evaluate")                  # several groups run concurrently
+    group.get(refs)
+
+A dead actor makes call/get raise WorkerDied(role, rank) as soon as its result is due, even
+while other ranks are blocked in a collective waiting for it.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Sequence
+
+from parallel import dist
+from parallel.config import ParallelConfig
+
+# Environment the actors need but may not inherit (e.g. when joining an existing cluster).
+_FORWARD_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                "TOKENIZERS_PARALLELISM", "TRELLIS_DS_VERBOSE", "PYTHONPATH")
+
+
+class WorkerDied(RuntimeError):
+    """A worker actor of a group died (killed, crashed, node lost)."""
+
+    def __init__(self, role: str, rank: int, cause: BaseException | None = None):
+        self.role, self.rank, self.cause = role, rank, cause
+        why = f": {type(cause).__name__}" if cause is not None else ""
+        super().__init__(f"worker {role}/rank{rank} died{why}")
+
+
+def resolve_class(spec: type | str) -> type:
+    """A class, or 'pkg.module:Class' / 'pkg.module.Class' imported here."""
+    if isinstance(spec, type):
+        return spec
+    module, _, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not module or not name:
+        raise ValueError(f"worker class '{spec}': expected 'package.module:Class'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"worker class '{spec}': {e}") from None
+
+
+def ensure_ray(address: str | None = None, num_cpus: float | None = None,
+               log_to_driver: bool = True, include_dashboard: bool = False,
+               namespace: str | None = None) -> None:
+    """Connect to Ray at `address`, or start a local Ray kept on 127.0.0.1. No-op if connected."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # else Ray binds to eth0
+    import ray
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=log_to_driver, namespace=namespace)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard,
+                 _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, namespace=namespace)
+
+
+class _Worker:
+    """The Ray actor body (made remote lazily so importing this module needs no Ray)."""
+
+    def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str]):
+        os.environ.update(env)
+        self.role, self.rank, self.world_size = role, rank, world_size
+        self.obj: Any = None
+
+    def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
+        return f"{self.role}/rank{self.rank}"
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: this node's address and a free port on it."""
+        import ray
+        ip = ray.util.get_node_ip_address()
+        return ip, dist.free_port(ip)
+
+    def setup(self, addr: str, port: int, backend: str, worker_cls: type | str,
+              kwargs: dict[str, Any]) -> int:
+        dist.init_distributed(self.rank, self.world_size, addr, port, backend)
+        self.obj = resolve_class(worker_cls)(self.rank, self.world_size, **kwargs)
+        return os.getpid()
+
+    def call(self, method: str, args_kwargs: tuple[tuple, dict]) -> Any:
+        args, kwargs = args_kwargs
+        return getattr(self.obj, method)(*args, **kwargs)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class WorkerGroup:
+    """par.num_workers Ray actors named '<role>/rank<r>' in one placement group (par.placement)
+    with fractional bundles {CPU: par.cpus_per_worker, GPU: par.gpus_per_worker}."""
+
+    def __init__(self, worker_cls: type | str, par: ParallelConfig, role: str = "worker",
+                 worker_kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
+                 start_timeout_s: float = 120.0):
+        import ray
+        from ray.util.placement_group import placement_group
+        if not ray.is_initialized():
+            raise RuntimeError("Ray is not initialized; call parallel.ensure_ray() first")
+        self.role, self.world_size = role, par.num_workers
+        bundle = {k: v for k, v in (("CPU", par.cpus_per_worker), ("GPU", par.gpus_per_worker)) if v}
+        if not bundle:
+            raise ValueError("cpus_per_worker and gpus_per_worker are both 0; reserve something")
+        self._pg = placement_group([dict(bundle)] * self.world_size, strategy=par.placement,
+                                   name=f"{role}-pg")
+        self._actors: list[Any] = []
+        try:
+            self._place(ray, bundle, start_timeout_s)
+            self._start(worker_cls, par, worker_kwargs or {}, env, start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _place(self, ray: Any, bundle: dict, timeout_s: float) -> None:
+        ready, _ = ray.wait([self._pg.ready()], timeout=timeout_s)
+        if not ready:
+            raise RuntimeError(
+                f"group '{self.role}': placement group of {self.world_size} x {bundle} "
+                f"({self._pg.bundle_specs[0]}) not placed in {timeout_s:.0f}s; "
+                f"cluster resources: {ray.available_resources()}")
+
+    def _start(self, worker_cls: type | str, par: ParallelConfig, kwargs: dict,
+               env: dict[str, str] | None, timeout_s: float) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        env_vars = {k: os.environ[k] for k in _FORWARD_ENV if k in os.environ} | (env or {})
+        remote = ray.remote(_Worker)
+        for r in range(self.world_size):
+            self._actors.append(remote.options(
+                name=f"{self.role}/rank{r}", num_cpus=par.cpus_per_worker,
+                num_gpus=par.gpus_per_worker, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self._pg, placement_group_bundle_index=r),
+            ).remote(self.role, r, self.world_size, env_vars))
+        addr, port = self.get([self._actors[0].rendezvous.remote()], ranks=[0],
+                              timeout_s=timeout_s)[0]
+        self._pids = self.get([a.setup.remote(addr, port, par.backend, worker_cls, kwargs)
+                               for a in self._actors], timeout_s=timeout_s)
+
+    # ---- calls ---------------------------------------------------------------------------
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Start `method(*args, **kwargs)` on every rank; ObjectRefs by rank (see get)."""
+        import ray
+        payload = ray.put((args, kwargs))  # one copy in the object store for all ranks
+        return [a.call.remote(method, payload) for a in self._actors]
+
+    def call_scatter_async(self, method: str, per_rank_args: Sequence[Any], *args: Any,
+                           **kwargs: Any) -> list[Any]:
+        """Rank r runs method(per_rank_args[r], *args, **kwargs); ObjectRefs by rank."""
+        if len(per_rank_args) != self.world_size:
+            raise ValueError(f"group '{self.role}': {len(per_rank_args)} per-rank arguments "
+                             f"for {self.world_size} ranks")
+        return [a.call.remote(method, ((x, *args), kwargs))
+                for a, x in zip(self._actors, per_rank_args)]
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """Run `method` on every rank and gather the results (a list by rank)."""
+        return self.get(self.call_async(method, *args, **kwargs))
+
+    def call_scatter(self, method: str, per_rank_args: Sequence[Any], *args: Any,
+                     **kwargs: Any) -> list[Any]:
+        return self.get(self.call_scatter_async(method, per_rank_args, *args, **kwargs))
+
+    def get(self, refs: Sequence[Any], ranks: Sequence[int] | None = None,
+            timeout_s: float | None = None) -> list[Any]:
+        """Results of refs (by rank). Raises WorkerDied for the first dead rank found and the
+        worker's own exception for the first failed call, without waiting for the rest."""
+        import ray
+        from ray.exceptions import RayActorError
+        ranks = list(range(len(refs))) if ranks is None else list(ranks)
+        pending = dict(zip(refs, range(len(refs))))
+        results: list[Any] = [None] * len(refs)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=timeout_s)
+            if not ready:
+                late = sorted(ranks[i] for i in pending.values())
+                raise TimeoutError(f"group '{self.role}': ranks {late} did not answer "
+                                   f"within {timeout_s}s")
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    results[i] = ray.get(ref)
+                except RayActorError as e:  # includes ActorDiedError / ActorUnavailableError
+                    raise WorkerDied(self.role, ranks[i], e) from e
+        return results
+
+    # ---- inspection and lifecycle --------------------------------------------------------
+    @property
+    def actor_names(self) -> list[str]:
+        return [f"{self.role}/rank{r}" for r in range(self.world_size)]
+
+    def pids(self) -> list[int]:
+        return self.get([a.pid.remote() for a in self._actors])
+
+    def kill_rank(self, rank: int) -> None:
+        """Kill one actor (for fault tests); later calls on the group raise WorkerDied."""
+        import ray
+        ray.kill(self._actors[rank], no_restart=True)
+
+    def shutdown(self) -> None:
+        """Kill every actor and release the placement group. Idempotent."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+        for a in self._actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self._actors = []
+        if self._pg is not None:
+            try:
+                remove_placement_group(self._pg)
+            except Exception:
+                pass
+            self._pg = None
+
+    def __enter__(self) -> "WorkerGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+class LocalGroup:
+    """The WorkerGroup interface in this process: one rank, no Ray (Ray is never imported)."""
+
+    def __init__(self, worker_cls: type | str, par: ParallelConfig | None = None,
+                 role: str = "local", worker_kwargs: dict[str, Any] | None = None):
+        par = par or ParallelConfig()
+        if par.num_workers != 1:
+            raise ValueError(f"LocalGroup runs one rank; num_workers is {par.num_workers}")
+        self.role, self.world_size = role, 1
+        self._owns_pg = not dist.is_initialized()
+        dist.init_distributed(0, 1, "127.0.0.1", dist.free_port(), par.backend)
+        self._obj: Any = resolve_class(worker_cls)(0, 1, **(worker_kwargs or {}))
+
+    def _target(self) -> Any:
+        if self._obj is None:
+            raise WorkerDied(self.role, 0)
+        return self._obj
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return [getattr(self._target(), method)(*args, **kwargs)]
+
+    def call_scatter(self, method: str, per_rank_args: Sequence[Any], *args: Any,
+                     **kwargs: Any) -> list[Any]:
+        if len(per_rank_args) != 1:
+            raise ValueError(f"group '{self.role}': {len(per_rank_args)} per-rank arguments for 1 rank")
+        return [getattr(self._target(), method)(per_rank_args[0], *args, **kwargs)]
+
+    # Eager: the "refs" are the results themselves, so get() is the identity.
+    def call_async(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        return self.call(method, *args, **kwargs)
+
+    def call_scatter_async(self, method: str, per_rank_args: Sequence[Any], *args: Any,
+                           **kwargs: Any) -> list[Any]:
+        return self.call_scatter(method, per_rank_args, *args, **kwargs)
+
+    def get(self, refs: Sequence[Any], ranks: Sequence[int] | None = None,
+            timeout_s: float | None = None) -> list[Any]:
+        return list(refs)
+
+    @property
+    def actor_names(self) -> list[str]:
+        return [f"{self.role}/rank0"]
+
+    def pids(self) -> list[int]:
+        return [os.getpid()]
+
+    def kill_rank(self, rank: int) -> None:
+        """Drop the worker object; later calls raise WorkerDied (the process lives on)."""
+        self._obj = None
+
+    def shutdown(self) -> None:
+        self._obj = None
+        if self._owns_pg:
+            dist.destroy_distributed()
+            self._owns_pg = False
+
+    def __enter__(self) -> "LocalGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
