@@ -209,6 +209,8 @@ class MetricsLogger:
         row: dict[str, Any] = {"step": int(step), "time": round(time.time(), 3), **vals}
         row.update({f"phase_seconds/{p}": s for p, s in phases.items()})
         with self._lock:
+            for k in ["step", *vals, *(["phase_seconds"] if phases else [])]:
+                self._check_name(kind, k)  # before writing anything: a bad call has no effect
             self._csv_for(kind).append(row)
             self._set(kind, "step", float(step))
             for k, v in vals.items():
@@ -221,12 +223,16 @@ class MetricsLogger:
             self._csv[kind] = _CsvLog(self.csv_path(kind))
         return self._csv[kind]
 
-    def _set(self, kind: str, key: str, value: float, phase: str | None = None) -> None:
+    def _check_name(self, kind: str, key: str) -> str:
         name = metric_name(kind, key)
         src = self._sources.setdefault(name, (kind, key))
         if src != (kind, key):  # two keys sanitise to one name: refuse rather than overwrite
             raise ValueError(f"metric key {key!r} ({kind}) and {src[1]!r} ({src[0]}) both map "
                              f"to Prometheus name {name!r}; rename one")
+        return name
+
+    def _set(self, kind: str, key: str, value: float, phase: str | None = None) -> None:
+        name = self._check_name(kind, key)
         g = self._gauges.get(name)
         extra = {"phase": phase} if phase is not None else {}
         if g is None:

@@ -258,3 +258,43 @@ def _open_columnar(piece: Piece, field: str) -> tuple[Iterator[pa.RecordBatch], 
         src.seek(0)
         r2 = pa.ipc.open_stream(src)
         return iter(r2), r2.schema.names
+
+
+# -- structured rows (SFT / RLHF formats) ---------------------------------------------------------
+@dataclass(frozen=True)
+class Row:
+    data: dict
+    where: str
+
+
+def read_rows(path: Path, fmt: str) -> Iterator[Row | Skip]:
+    """Each record of a JSONL / Parquet / Arrow file as a Row (a dict) or a Skip."""
+    if fmt == "jsonl":
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                where = f"{path}:{i}"
+                item = _decode(raw.rstrip(b"\r\n"), where)
+                if isinstance(item, Skip) or not item.text.strip():
+                    yield item if isinstance(item, Skip) else Skip("empty", where, f"{where}: blank line")
+                    continue
+                try:
+                    obj = json.loads(item.text)
+                except ValueError as e:
+                    yield Skip("bad_json", where, f"{where}: invalid JSON ({_first_line(e)})")
+                    continue
+                yield (Row(obj, where) if isinstance(obj, dict) else
+                       Skip("bad_json", where, f"{where}: expected a JSON object"))
+        return
+    if fmt not in ("parquet", "arrow"):
+        yield Skip("bad_format", str(path), f"{path}: structured inputs must be JSONL, Parquet "
+                                            f"or Arrow, not {fmt}")
+        return
+    try:
+        batches, _ = _open_columnar(Piece(str(path), fmt), field="")
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                yield Row(obj, f"{path}:row {row}")
+                row += 1
+    except (pa.ArrowException, OSError, ValueError) as e:
+        yield Skip("corrupt_file", str(path), f"{path}: corrupt or truncated file ({_first_line(e)})")

@@ -12,6 +12,7 @@ because every order is recomputed from (seed, epoch) instead of being stored.
 """
 from __future__ import annotations
 
+import bisect
 import math
 import zlib
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ import numpy as np
 from data_pipeline.shards import DataError, ShardArrays, check_tokenizer, load_manifest, open_shard
 
 IDENTITY_WINDOW = 1 << 16  # window size when documents are not shuffled (amortizes lookups)
+CHUNK_TOKENS = 1 << 18     # documents are gathered (with their EOS) into chunks of this size
 
 
 class Source:
@@ -53,6 +55,21 @@ class Source:
         if self.num_docs == 0:
             raise DataError(f"{self.root}: no documents in the '{split}' split")
         self._open: dict[int, ShardArrays] = {}
+
+    def doc_spans(self, shards: np.ndarray, rows: np.ndarray) -> tuple[list, list[int], list[int]]:
+        """Per document (shard values array, first token, length), vectorized per shard."""
+        starts = np.empty(len(rows), dtype=np.int64)
+        lengths = np.empty(len(rows), dtype=np.int64)
+        vals: list = [None] * len(rows)
+        for sh in np.unique(shards).tolist():
+            sel = np.flatnonzero(shards == sh)
+            a = self.arrays(sh)
+            r = rows[sel]
+            starts[sel] = a.offsets[r]
+            lengths[sel] = a.offsets[r + 1] - a.offsets[r]
+            for i in sel.tolist():
+                vals[i] = a.values
+        return vals, starts.tolist(), lengths.tolist()
 
     def arrays(self, shard: int) -> ShardArrays:
         a = self._open.get(shard)
@@ -92,7 +109,7 @@ class EpochPlan:
                    buffer if permute else IDENTITY_WINDOW,
                    (seed, epoch, src.key) if permute else None, src.num_docs)
 
-    def window_refs(self, k: int, c: int, C: int) -> tuple[int, list[int], list[int]]:
+    def window_refs(self, k: int, c: int, C: int) -> tuple[int, np.ndarray, np.ndarray]:
         """Consumer c's documents in window k: (first consumer index, shards, rows)."""
         lo, hi = k * self.window, min((k + 1) * self.window, self.num_docs)
         p_lo, p_hi = max(0, -(-(lo - c) // C)), max(0, -(-(hi - c) // C))
@@ -102,7 +119,28 @@ class EpochPlan:
             perm = np.random.default_rng([*self.seed, 1, k]).permutation(hi - lo)
             q = lo + perm[g - lo]
         idx = np.searchsorted(self.cum, q, side="right") - 1
-        return p_lo, self.shard[idx].tolist(), (self.start[idx] + q - self.cum[idx]).tolist()
+        return p_lo, self.shard[idx], self.start[idx] + q - self.cum[idx]
+
+
+@dataclass
+class Chunk:
+    """Consecutive documents of one consumer gathered into one buffer, EOS after each, so
+    packing copies whole batch rows at a time instead of one document at a time."""
+
+    lo: int              # consumer position of the first document
+    buf: np.ndarray      # (N,) tokens
+    start: list[int]     # (k,) first index of each document in buf
+    end: list[int]       # (k,) one past each document's EOS
+    _pos: tuple | None = None
+
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(document index within the chunk, position within the document) per token."""
+        if self._pos is None:
+            start, end = np.asarray(self.start), np.asarray(self.end)
+            lens = end - start
+            self._pos = (np.repeat(np.arange(len(lens)), lens),
+                         np.arange(len(self.buf)) - np.repeat(start, lens))
+        return self._pos
 
 
 class Cursor:
@@ -113,33 +151,66 @@ class Cursor:
         self.src, self.c, self.C = src, c, C
         self.seed, self.shuffle, self.buffer = seed, shuffle, buffer
         self.per_epoch = max(0, -(-(src.num_docs - c) // C))
-        if self.per_epoch == 0:
+        if src.num_docs < C:  # every reader needs a document, or one rank would starve
             raise DataError(f"{src.root}: {src.num_docs} documents cannot feed {C} readers "
                             "(world_size x loader_workers); use fewer or ingest more data")
         self.epoch, self.pos, self.offset = epoch, pos, offset
         self._plan: EpochPlan | None = None
-        self._win = (-1, 0, [], [])
+        self._win_lo, self._win_hi = 0, 0  # consumer positions covered by the cached window
+        self._win: tuple[list, list[int], list[int]] = ([], [], [])
+        self._chunk: Chunk | None = None
 
     def exhausted(self) -> bool:
         return self.pos >= self.per_epoch
 
     def next_epoch(self) -> None:
         self.epoch, self.pos, self.offset, self._plan = self.epoch + 1, 0, 0, None
-        self._win = (-1, 0, [], [])
+        self._win_lo = self._win_hi = 0
+        self._chunk = None
 
     def doc(self) -> tuple[np.ndarray, int, int]:
         """(shard values, first token index, length) of the document at the cursor."""
+        i = self.pos - self._win_lo
+        if not 0 <= i < self._win_hi - self._win_lo:
+            self._load_window()
+            i = self.pos - self._win_lo
+        vals, starts, lengths = self._win
+        return vals[i], starts[i], lengths[i]
+
+    def chunk(self, eos: int) -> Chunk:
+        """The chunk holding the document at the cursor (built from the current window)."""
+        ch = self._chunk
+        if ch is not None and ch.lo <= self.pos < ch.lo + len(ch.start):
+            return ch
+        i0 = self.pos - self._win_lo
+        if not 0 <= i0 < self._win_hi - self._win_lo:
+            self._load_window()
+            i0 = self.pos - self._win_lo
+        vals, starts, lengths = self._win
+        i1, total = i0, 0
+        while i1 < len(lengths) and total < CHUNK_TOKENS:
+            total += lengths[i1] + 1
+            i1 += 1
+        buf = np.empty(total, dtype=self.src.dtype)
+        o = 0
+        for i in range(i0, i1):
+            n, a = lengths[i], starts[i]
+            buf[o:o + n] = vals[i][a:a + n]
+            o += n + 1
+        lens = np.asarray(lengths[i0:i1], dtype=np.int64) + 1
+        end = np.cumsum(lens)
+        buf[end - 1] = eos
+        self._chunk = Chunk(self.pos, buf, (end - lens).tolist(), end.tolist())
+        return self._chunk
+
+    def _load_window(self) -> None:
         if self._plan is None:
             self._plan = EpochPlan.build(self.src, self.seed, self.epoch, self.shuffle,
                                          self.buffer)
         k = (self.c + self.pos * self.C) // self._plan.window
-        if self._win[0] != k:
-            self._win = (k, *self._plan.window_refs(k, self.c, self.C))
-        _, p_lo, shards, rows = self._win
-        i = self.pos - p_lo
-        arr = self.src.arrays(shards[i])
-        a, b = arr.offsets[rows[i]], arr.offsets[rows[i] + 1]
-        return arr.values, int(a), int(b - a)
+        p_lo, shards, rows = self._plan.window_refs(k, self.c, self.C)
+        self._win = self.src.doc_spans(shards, rows)
+        self._win_lo, self._win_hi = p_lo, p_lo + len(rows)
 
 
 class Packer:
@@ -187,11 +258,16 @@ class Packer:
         return best
 
     def _start_doc(self) -> bool:
-        s = self._select()
-        if s < 0:
-            return False
-        cur = self.cursors[s]
-        if cur.exhausted():  # infinite: this source's next epoch begins
+        if len(self.cursors) == 1:  # fast path: no mixing
+            s, cur = 0, self.cursors[0]
+            if cur.pos >= cur.per_epoch and not self.infinite:
+                return False
+        else:
+            s = self._select()
+            if s < 0:
+                return False
+            cur = self.cursors[s]
+        if cur.pos >= cur.per_epoch:  # infinite: this source's next epoch begins
             cur.next_epoch()
         self.cur, self._doc = s, cur.doc()
         self.counts[s] += self._doc[2] + 1 if self.mix_by == "tokens" else 1
@@ -200,35 +276,69 @@ class Packer:
     def fill(self, tok: np.ndarray, doc: np.ndarray | None, pos: np.ndarray | None,
              boundary_stop: bool = False) -> int:
         """Write up to len(tok) next tokens; returns how many (fewer only at the end of a
-        finite epoch, or with boundary_stop after the first EOS, for unpacked blocks)."""
-        n, i = len(tok), 0
+        finite epoch, or with boundary_stop after the first EOS, for unpacked blocks).
+        One iteration per document; a single source takes the chunked path instead."""
+        if len(self.cursors) == 1 and not boundary_stop:
+            return self._fill_chunked(tok, doc, pos)
+        n, i, eos, track = len(tok), 0, self.eos, pos is not None
         while i < n:
-            if self.cur < 0:
-                if not self._start_doc():
-                    self.done = True
-                    break
+            if self.cur < 0 and not self._start_doc():
+                self.done = True
+                break
             cur = self.cursors[self.cur]
-            if self._doc is None:
+            if self._doc is None:  # restored mid-document
                 self._doc = cur.doc()
             vals, start, length = self._doc
             o = cur.offset
-            if o < length:
-                take = min(n - i, length - o)
-                tok[i:i + take] = vals[start + o:start + o + take]
-                if pos is not None:
-                    pos[i:i + take] = np.arange(o, o + take)
-                    doc[i:i + take] = self.doc_counter
-                i, o = i + take, o + take
-            if o == length and i < n:
-                tok[i] = self.eos
-                if pos is not None:
-                    pos[i], doc[i] = o, self.doc_counter
-                i, o = i + 1, o + 1
-            cur.offset = o
-            if o == length + 1:  # document and its EOS delivered
+            rem = length + 1 - o                # this document's tokens left + its EOS
+            if rem <= n - i:                    # the rest of the document fits
+                j = i + rem - 1
+                tok[i:j] = vals[start + o:start + length]
+                tok[j] = eos
+                if track:
+                    pos[i:j + 1] = np.arange(o, length + 1)
+                    doc[i:j + 1] = self.doc_counter
+                i = j + 1
                 cur.pos, cur.offset = cur.pos + 1, 0
                 self.cur, self._doc = -1, None
                 self.doc_counter += 1
                 if boundary_stop:
                     break
+            else:                               # fill to the end; the document continues
+                take = n - i
+                tok[i:n] = vals[start + o:start + o + take]
+                if track:
+                    pos[i:n] = np.arange(o, o + take)
+                    doc[i:n] = self.doc_counter
+                cur.offset, i = o + take, n
+        return i
+
+    def _fill_chunked(self, tok: np.ndarray, doc: np.ndarray | None,
+                      pos: np.ndarray | None) -> int:
+        """Single source: copy straight from chunk buffers, one slice per chunk touched."""
+        cur, n, i = self.cursors[0], len(tok), 0
+        while i < n:
+            if cur.pos >= cur.per_epoch:
+                if not self.infinite:
+                    self.done = True
+                    break
+                cur.next_epoch()
+            ch = cur._chunk
+            if ch is None or not ch.lo <= cur.pos < ch.lo + len(ch.start):
+                ch = cur.chunk(self.eos)
+            j0 = cur.pos - ch.lo
+            b0 = ch.start[j0] + cur.offset
+            take = min(n - i, len(ch.buf) - b0)
+            b1 = b0 + take
+            tok[i:i + take] = ch.buf[b0:b1]
+            j1 = bisect.bisect_right(ch.end, b1)  # documents finished
+            if pos is not None:
+                rel_doc, rel_pos = ch.positions()
+                pos[i:i + take] = rel_pos[b0:b1]
+                doc[i:i + take] = rel_doc[b0:b1] + (self.doc_counter - j0)
+            self.doc_counter += j1 - j0
+            cur.pos = ch.lo + j1
+            cur.offset = b1 - ch.start[j1] if j1 < len(ch.start) else 0
+            i += take
+        self.cur, self._doc = (0 if cur.offset else -1), None
         return i

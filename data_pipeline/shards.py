@@ -32,6 +32,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -195,6 +196,7 @@ def new_manifest(kind: str, sha: str, vocab_size: int, dtype: np.dtype | None,
         "kind": kind,
         "tokenizer": {"sha256": sha, "vocab_size": vocab_size, "path": tokenizer_path,
                       "eos_id": eos_id, "pad_id": pad_id},
+        "tokenizer_path": tokenizer_path,
         "token_dtype": None if dtype is None else np.dtype(dtype).name,
         "num_documents": sum(s["num_documents"] for s in shards),
         "num_tokens": sum(s.get("num_tokens", 0) for s in shards),

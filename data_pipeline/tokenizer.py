@@ -5,10 +5,11 @@ on them without asking the tokenizer:
 
     pad=0  unk=1  bos=2 (<s>)  eos=3 (</s>)  mask=4 ([MASK])  cls=5 ([CLS])  sep=6 ([SEP])
 
-and "\\n" is piece 7, so documents keep their line breaks. Normalization is the identity
-(no NFKC, whitespace kept as is) and byte fallback is on by default, so
-``decode(encode(text)) == text`` for any Unicode text, accents, CJK and emoji included.
-The literal strings "[MASK]", "[CLS]", "[SEP]" in raw text encode to their special ids.
+and "\\n" is piece 7, so documents keep their line breaks; runs of spaces (indentation) may
+be single pieces. Normalization is the identity (no NFKC, whitespace kept as is) and byte
+fallback is on by default, so ``decode(encode(text)) == text`` for any Unicode text
+(accents, CJK and emoji included). The literal strings "[MASK]", "[CLS]", "[SEP]" in raw
+text encode to their special ids.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: Iterable[str] | Sequence[str |
             max_sentence_length=cfg.max_sentence_length, num_threads=cfg.num_threads,
             pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
             user_defined_symbols=USER_SYMBOLS, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, train_extremely_large_corpus=False)
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True)
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1]
         if "smaller than required_chars" in msg:

@@ -10,7 +10,9 @@ from launcher.config import ConfigError
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "ingest": ("launcher.ingest", "tokenize raw text/JSONL/Parquet into Arrow shards + manifest"),
     "pretrain": ("launcher.pretrain", "pretrain a GPT (clm), BERT (mlm) or distilled student"),
+    "export": ("launcher.export", "export a checkpoint as Hugging Face safetensors + config.json"),
     "cluster": ("launcher.cluster_cmd", "start/stop/show a local Ray head (loopback, token auth)"),
     "submit": ("launcher.jobs", "submit a job config to a Ray cluster (Ray Jobs API)"),
     "jobs": ("launcher.jobs", "list submitted jobs; status, logs or stop one"),

@@ -40,6 +40,9 @@ class TrainConfig:
     """Micro-batches per rank in a validation pass."""
     sample_tokens: int = field(default=48, metadata={"min": 0})
     """Tokens generated as a sample at the end (GPT only); 0 = none."""
+    stop_after: int = field(default=0, metadata={"min": 0})
+    """End this invocation after this step (checkpointed) though the schedule spans `steps`:
+    for time-sliced or preemptible allocations; a later run resumes. 0 = run to the end."""
     max_failures: int = field(default=0, metadata={"min": 0})
     """Worker deaths to recover from (restart the group, resume the latest checkpoint)."""
     mask_prob: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})

@@ -6,12 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from launcher.cli import add_job_arguments
 from launcher.config import ConfigError, dump_yaml, load_config
 from launcher.job_config import PretrainJobConfig
-
-WORKER = "launcher.pretrain_worker:PretrainWorker"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,11 +40,25 @@ def resolve_config(args: argparse.Namespace) -> PretrainJobConfig:
     return cfg
 
 
-def run(args: argparse.Namespace) -> int:
+def _cpu_defaults() -> None:
+    """Without CUDA, tell DeepSpeed it is on CPU (else it probes and warns) and keep Ray on
+    loopback; explicit settings in the environment win."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def pretrain(cfg: PretrainJobConfig, local: bool = False,
+             address: str | None = None) -> dict[str, Any]:
+    """Prepare the data, train, and return the final metrics (step, loss, val_loss, sample)."""
     from launcher.pretrain_data import prepare_data
     from launcher.pretrain_loop import train_with_recovery
 
-    cfg = resolve_config(args)
+    _cpu_defaults()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, run_dir)
@@ -53,8 +66,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"config key 'model.vocab_size': {cfg.model.vocab_size} is smaller than "
                           f"the tokenizer's vocabulary ({data.vocab_size}, {data.tokenizer_path})")
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    result = train_with_recovery(cfg, data, run_dir, local=args.local, address=args.address)
-    print(f"final: step {result['step']} train loss {result['loss']:.4f}"
+    return train_with_recovery(cfg, data, run_dir, local=local, address=address)
+
+
+def run(args: argparse.Namespace) -> int:
+    result = pretrain(resolve_config(args), local=args.local, address=args.address)
+    loss = result["loss"]
+    print(f"final: step {result['step']} "
+          + (f"train loss {loss:.4f}" if loss == loss else "(nothing left to train)")
           + (f" val loss {result['val_loss']:.4f} ppl {result['val_ppl']:.2f}"
              if "val_loss" in result else ""))
     if result.get("sample"):

@@ -8,6 +8,7 @@ exists, so a resumed run reads exactly the same tokens.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class PreparedData:
     """Ingested folder for validation, or None when there is no validation split."""
     tokenizer_path: Path
     vocab_size: int
+    tokenizer_sha256: str
     sample_prompt: str = SAMPLE_PROMPT
 
 
@@ -44,10 +46,13 @@ def prepare_data(cfg: PretrainJobConfig, run_dir: Path) -> PreparedData:
     d = cfg.data
     if d.path or d.sources:
         first = Path(d.resolved_sources()[0].path)
-        tok_path = Path(cfg.tokenizer.path or _manifest_tokenizer(first))
-        tok = Tokenizer(tok_path)
+        tok = Tokenizer(cfg.tokenizer.path or _manifest_tokenizer(first))
+        # The run dir keeps its own copy, so export and later stages find it there.
+        own = run_dir / "tokenizer.model"
+        if not own.is_file() or Tokenizer(own).sha256 != tok.sha256:
+            shutil.copyfile(tok.path, own)
         val = Path(d.val_path) if d.val_path else (first if d.val_fraction > 0 else None)
-        return PreparedData(first, val, tok_path, tok.vocab_size)
+        return PreparedData(first, val, own, tok.vocab_size, tok.sha256)
     tok_path = run_dir / "tokenizer.model"
     corpus_dir = run_dir / "corpus"
     if not tok_path.is_file():
@@ -64,4 +69,4 @@ def prepare_data(cfg: PretrainJobConfig, run_dir: Path) -> PreparedData:
         ingest([str(corpus_dir)], tok, data_dir, shard_tokens=1 << 18,
                processes=min(2, cfg.tokenizer.num_threads), progress=False)
     val = data_dir if d.val_fraction > 0 else None
-    return PreparedData(data_dir, val, tok_path, tok.vocab_size)
+    return PreparedData(data_dir, val, tok_path, tok.vocab_size, tok.sha256)

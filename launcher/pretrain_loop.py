@@ -23,7 +23,8 @@ WORKER = "launcher.pretrain_worker:PretrainWorker"
 def make_group(cfg: PretrainJobConfig, data: PreparedData, run_dir: Path, local: bool,
                address: str | None) -> Any:
     kwargs = {"cfg": to_dict(cfg), "data_dir": str(data.train_dir),
-              "val_dir": str(data.val_dir) if data.val_dir else None, "run_dir": str(run_dir)}
+              "val_dir": str(data.val_dir) if data.val_dir else None, "run_dir": str(run_dir),
+              "tokenizer_sha256": data.tokenizer_sha256}
     if local:
         return LocalGroup(WORKER, cfg.parallel, role="pretrain", worker_kwargs=kwargs)
     ensure_ray(address)
@@ -36,8 +37,9 @@ def train_with_recovery(cfg: PretrainJobConfig, data: PreparedData, run_dir: Pat
     metrics = MetricsLogger(run_dir, cfg.metrics, role="driver")
     try:
         while True:
-            group = make_group(cfg, data, run_dir, local, address)
+            group = None
             try:
+                group = make_group(cfg, data, run_dir, local, address)
                 return _train(group, cfg, data, run_dir, metrics)
             except WorkerDied as e:
                 failures += 1
@@ -48,7 +50,8 @@ def train_with_recovery(cfg: PretrainJobConfig, data: PreparedData, run_dir: Pat
                 print(f"trellis pretrain: {e}; restarting the group from the latest complete "
                       f"checkpoint (recovery {failures}/{cfg.train.max_failures})", flush=True)
             finally:
-                group.shutdown()
+                if group is not None:
+                    group.shutdown()
             # A restarted group always resumes, whatever checkpoint.resume said.
             cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
     finally:
@@ -72,7 +75,8 @@ def _train(group: Any, cfg: PretrainJobConfig, data: PreparedData, run_dir: Path
     steps, tc = cfg.train.steps, cfg.train
     last: dict[str, Any] = {"step": start, "loss": float("nan")}
     bar = progress(steps, desc="pretrain", unit="step", initial=start)
-    for step in range(start + 1, steps + 1):
+    end = min(steps, tc.stop_after) if tc.stop_after else steps
+    for step in range(start + 1, end + 1):
         out = group.call("train_step")[0]
         tps = out["tokens"] / max(out["step_time"], 1e-9)
         row = {k: v for k, v in out.items() if k != "tokens"} | {"tokens_per_second": tps}
@@ -80,18 +84,22 @@ def _train(group: Any, cfg: PretrainJobConfig, data: PreparedData, run_dir: Path
         if mfu is not None:
             row["mfu"] = mfu
         last = {"step": step, "loss": out["loss"]}
-        if step % tc.log_every == 0 or step == steps or step == start + 1:
+        if step % tc.log_every == 0 or step == end or step == start + 1:
             metrics.log(step, row)
             bar.set_postfix(loss=f"{out['loss']:.3f}", refresh=False)
             print(f"step {step}: loss {out['loss']:.4f} lr {out['lr']:.2e} "
                   f"grad_norm {out['grad_norm']:.3f} tok/s {tps:,.0f}"
                   + (f" mfu {mfu:.3f}" if mfu is not None else ""), flush=True)
-        if tc.eval_every and step % tc.eval_every == 0 and step != steps:
+        if tc.eval_every and step % tc.eval_every == 0 and step != end:
             _evaluate(group, metrics, step)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == steps:
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end:
             group.call("save", step)
         bar.update(1)
     bar.close()
+    if end < steps:
+        print(f"pretrain: stopped after step {end} of {steps} (train.stop_after); "
+              f"run again to resume", flush=True)
+        return last
     ev = _evaluate(group, metrics, steps)
     if ev:
         last |= {"val_loss": ev["loss"], "val_ppl": ev["perplexity"]}

@@ -3,6 +3,7 @@ stream, the objective's loss. The driver (launcher/pretrain.py) only coordinates
 class runs in a Ray actor or in-process (--local)."""
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from parallel.rng import seed_all
 
 class PretrainWorker:
     def __init__(self, rank: int, world_size: int, cfg: dict, data_dir: str,
-                 val_dir: str | None, run_dir: str):
+                 val_dir: str | None, run_dir: str, tokenizer_sha256: str | None = None):
         self.cfg = c = from_dict(PretrainJobConfig, cfg)
         self.rank, self.world = rank, world_size
         self.run_dir = Path(run_dir)
@@ -34,13 +35,15 @@ class PretrainWorker:
         model = self._build_student() if self.teacher is not None else \
             build_model(c.model, "lm" if c.train.objective == "clm" else "mlm")
         self.engine = Engine(model, c.optim, c.parallel, total_steps=c.train.steps, plan=self.plan)
-        self.stream = TokenStream(data_dir, c.data, rank=rank, world_size=world_size)
-        self._it = iter(self.stream)
-        self.val_dir = val_dir
-        self.mlm = None
-        if c.train.objective != "clm":
-            self.mlm = MLMCollator(vocab_size=c.model.vocab_size, mask_prob=c.train.mask_prob,
-                                   seed=c.seed + 1000 * rank)
+        # The manifest must have been made by the tokenizer this job uses.
+        self.stream = TokenStream(data_dir, c.data, rank=rank, world_size=world_size,
+                                  tokenizer=tokenizer_sha256)
+        self._it = self.stream.iter_batches(self.plan.micro_batch)
+        self.val_dir, self.tokenizer_sha256 = val_dir, tokenizer_sha256
+        # Dynamic masking: the mask is a function of (seed, epoch, consumer, step) that the
+        # stream's batches carry, so it is fresh every epoch and identical after a resume.
+        self.mlm = None if c.train.objective == "clm" else \
+            MLMCollator(vocab_size=c.model.vocab_size, mask_prob=c.train.mask_prob, seed=c.seed)
         self.step = 0
 
     # ---- model set-up -------------------------------------------------------------------
@@ -59,10 +62,8 @@ class PretrainWorker:
 
     # ---- one step ----------------------------------------------------------------------
     def _batch(self) -> dict[str, torch.Tensor]:
-        blocks = [next(self._it) for _ in range(self.plan.micro_batch)]
-        if self.mlm is not None:
-            return self.mlm(blocks, step=self.step)
-        return clm_collate(blocks)
+        blocks = next(self._it)  # (B, T+1) ids with the stream's epoch/step metadata
+        return self.mlm(blocks) if self.mlm is not None else clm_collate(blocks)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.engine.device
@@ -109,25 +110,27 @@ class PretrainWorker:
         if not self.val_dir:
             return {}
         c = self.cfg
-        val_cfg = type(c.data)(**{**c.data.__dict__, "shuffle": False, "sources": []})
-        stream = iter(TokenStream(self.val_dir, val_cfg, rank=self.rank, world_size=self.world))
-        mlm = MLMCollator(vocab_size=c.model.vocab_size, mask_prob=c.train.mask_prob,
-                          seed=c.seed + 7) if self.mlm is not None else None
+        # The same held-out blocks and (for MLM) the same masks at every evaluation.
+        stream = TokenStream(self.val_dir, c.data, rank=self.rank, world_size=self.world,
+                             split="val", infinite=False, tokenizer=self.tokenizer_sha256)
         self.engine.eval()
-        total = 0.0
-        for i in range(c.train.eval_batches):
-            blocks = [next(stream) for _ in range(self.plan.micro_batch)]
-            batch = mlm(blocks, step=i) if mlm is not None else clm_collate(blocks)
+        total, n = 0.0, 0
+        for batch in itertools.islice(stream.iter_batches(self.plan.micro_batch),
+                                      c.train.eval_batches):
+            batch = self.mlm(batch) if self.mlm is not None else clm_collate(batch)
             ids, mask = batch["input_ids"].to(self.engine.device), batch["attention_mask"]
             logits = self.engine.forward(ids, attention_mask=mask.to(ids.device))
             total += token_cross_entropy(logits, batch["labels"].to(ids.device)).item()
-        loss = dist.all_reduce_mean(total / c.train.eval_batches)
+            n += 1
+        if dist.all_reduce_mean(float(n == 0)) > 0:
+            raise ValueError(f"validation split of '{self.val_dir}' is too small for one batch "
+                             f"of {self.plan.micro_batch} x {c.data.seq_len} tokens per rank")
+        loss = dist.all_reduce_mean(total / n)
         return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, step: int) -> str:
-        state = {"data": self.stream.state_dict(), "step": step,
-                 "mlm": self.mlm.state_dict() if self.mlm is not None else {}}
+        state = {"data": self.stream.state_dict(), "step": step}
         path = checkpoint.save_checkpoint(self.run_dir, step, {"model": self.engine}, state,
                                           keep_last=self.cfg.checkpoint.keep_last)
         return str(path)
@@ -138,9 +141,7 @@ class PretrainWorker:
             return 0
         restored = checkpoint.load_checkpoint(path, {"model": self.engine})
         self.stream.load_state_dict(restored.state["data"])
-        self._it = iter(self.stream)
-        if self.mlm is not None and restored.state.get("mlm"):
-            self.mlm.load_state_dict(restored.state["mlm"])
+        self._it = self.stream.iter_batches(self.plan.micro_batch)
         self.step = restored.step
         return restored.step
 
@@ -152,6 +153,13 @@ class PretrainWorker:
         gen = generate(module, ids, torch.ones_like(ids),
                        GenerationConfig(max_new_tokens=max_new_tokens, eos_id=eos_id))
         return gen.tokens[0][gen.mask[0].bool()].tolist()
+
+    @torch.no_grad()
+    def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
+        """Logits (B, T, V) of the current weights, on CPU (collective under ZeRO-3)."""
+        self.engine.eval()
+        ids = torch.tensor(input_ids, device=self.engine.device)
+        return self.engine.forward(ids).float().cpu()
 
     def param_numel(self) -> dict[str, int]:
         return {"local": self.engine.local_param_numel(), "global": self.engine.global_param_numel(),

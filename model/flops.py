@@ -11,7 +11,6 @@ and are excluded. MFU = achieved tokens/s * flops_per_token / peak FLOP/s.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from model.config import ModelConfig
@@ -20,19 +19,32 @@ _EMBEDDING_SUFFIXES = ("wte.weight", "wpe.weight", "tok_emb.weight", "pos_emb.we
                        "type_emb.weight")
 
 
-def _module_for(cfg: ModelConfig) -> nn.Module:
-    from model.build import build_model  # local: build imports heads/gpt/bert
-    with torch.device("meta"):  # shapes only, no memory, no init cost
-        return build_model(cfg, "lm" if cfg.arch == "gpt" else "mlm")
+def _count_from_config(cfg: ModelConfig, exclude_embeddings: bool) -> int:
+    """Closed form of the default model's parameters (GPT with LM head, BertForMaskedLM);
+    tests check it against a built module. Building on the meta device would do, but its
+    first use imports torch._dynamo (seconds)."""
+    C, F, L, V = cfg.d_model, cfg.ff_dim, cfg.n_layer, cfg.vocab_size
+    lin = lambda i, o: i * o + o  # noqa: E731  weight + bias
+    ln = 2 * C
+    mlp = lin(C, F) + lin(F, C)
+    if cfg.arch == "gpt":
+        emb = V * C + cfg.max_seq_len * C
+        body = L * (2 * ln + lin(C, 3 * C) + lin(C, C) + mlp) + ln  # blocks + ln_f
+    else:
+        emb = V * C + cfg.max_seq_len * C + cfg.type_vocab_size * C
+        body = ln + L * (4 * lin(C, C) + 2 * ln + mlp) + lin(C, C)  # emb LN, layers, pooler
+        body += lin(C, C) + ln + V  # MLM head: dense, LayerNorm, decoder bias (weight tied)
+    return body if exclude_embeddings else body + emb
 
 
 def count_params(module_or_cfg: nn.Module | ModelConfig, exclude_embeddings: bool = False) -> int:
     """Unique parameters (tied weights once). A ModelConfig is counted as its default model
     (GPT with LM head, BertForMaskedLM). exclude_embeddings drops token, position and
     token-type tables (Kaplan et al.'s "non-embedding" count)."""
-    module = _module_for(module_or_cfg) if isinstance(module_or_cfg, ModelConfig) else module_or_cfg
+    if isinstance(module_or_cfg, ModelConfig):
+        return _count_from_config(module_or_cfg, exclude_embeddings)
     total, seen = 0, set()
-    for name, p in module.named_parameters(remove_duplicate=False):
+    for name, p in module_or_cfg.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
         seen.add(id(p))

@@ -68,7 +68,10 @@ def _next_token(logits: torch.Tensor, cfg: GenerationConfig,
 
 
 def _check_prompts(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                   cfg: GenerationConfig) -> None:
+                   cfg: GenerationConfig, generator: torch.Generator | None) -> None:
+    if generator is not None and generator.device.type != prompt_ids.device.type:
+        raise ValueError(f"generator is on {generator.device}, prompts on {prompt_ids.device}: "
+                         f"create it with torch.Generator(device=...) on the model's device")
     if prompt_ids.shape != prompt_mask.shape or prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids {tuple(prompt_ids.shape)} and prompt_mask "
                          f"{tuple(prompt_mask.shape)} must be the same (B, P) shape")
@@ -88,7 +91,7 @@ def generate(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     `model` is a GPT (or anything with its forward(ids, attention_mask, kv_cache=) and
     .config). Each row stops at EOS; the loop stops when all rows have (if stop_early).
     """
-    _check_prompts(model, prompt_ids, prompt_mask, cfg)
+    _check_prompts(model, prompt_ids, prompt_mask, cfg, generator)
     was_training = model.training
     model.eval()
     try:

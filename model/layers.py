@@ -17,6 +17,8 @@ class Linear(nn.Linear):
 
     def __init__(self, d_in: int, d_out: int, std: float = 0.02, bias: bool = True):
         super().__init__(d_in, d_out, bias=bias)
+        if self.weight.is_meta:  # shape-only build (parameter counting): nothing to fill
+            return
         nn.init.normal_(self.weight, mean=0.0, std=std)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -27,7 +29,8 @@ class Embedding(nn.Embedding):
 
     def __init__(self, num: int, dim: int, std: float = 0.02):
         super().__init__(num, dim)
-        nn.init.normal_(self.weight, mean=0.0, std=std)
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight, mean=0.0, std=std)
 
 
 def split_heads(x: torch.Tensor, n_head: int) -> torch.Tensor:

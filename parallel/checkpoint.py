@@ -12,6 +12,7 @@ Save flow (collective; all ranks call save_checkpoint):
             COMPLETE (tmp + fsync + rename), prune to keep_last; barrier
 A crash at any point leaves either a .tmp-* directory or a step_<n> without COMPLETE; both
 are ignored by latest_complete(), so a restart resumes from the previous complete checkpoint.
+The run directory must be on storage every rank sees (one node, or a shared filesystem).
 Rank files load with torch.load(weights_only=True), so their contents must be tensors and
 primitives (checked at save time, naming the offending key).
 """

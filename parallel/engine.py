@@ -247,6 +247,8 @@ class Engine:
 
     def load(self, directory: str | Path) -> dict:
         """Collective: restore module, optimizer, scheduler and step; returns client_state."""
+        if not (Path(directory) / TAG).is_dir():
+            raise FileNotFoundError(f"no engine checkpoint in '{directory}'")
         path, client_state = self._ds.load_checkpoint(
             str(directory), tag=TAG, load_optimizer_states=self.trainable,
             load_lr_scheduler_states=self.trainable)

@@ -22,9 +22,10 @@ from typing import Any, Sequence
 from parallel import dist
 from parallel.config import ParallelConfig
 
-# Environment the actors need but may not inherit (e.g. when joining an existing cluster).
+# Environment the actors need but may not inherit (e.g. when joining an existing cluster);
+# set in the actor before the worker class is built, so read-at-use variables only.
 _FORWARD_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                "TOKENIZERS_PARALLELISM", "TRELLIS_DS_VERBOSE", "PYTHONPATH")
+                "TOKENIZERS_PARALLELISM", "TRELLIS_DS_VERBOSE")
 
 
 class WorkerDied(RuntimeError):

@@ -119,6 +119,9 @@ class Echo:
     def whoami(self) -> tuple:
         return self.rank, self.world, self.tag, os.getpid()
 
+    def fail(self) -> None:
+        raise KeyError(f"no such thing on rank {self.rank}")
+
     def all_reduce(self, x: float) -> float:
         t = torch.tensor([x + self.rank])
         torch.distributed.all_reduce(t)
@@ -191,12 +194,13 @@ def test_checkpoint_round_trip_at_world_two(pair, tmp_path):
 
 
 def test_two_ranks_match_one_rank_with_same_global_batch(pair):
-    pair.call("build", par2(2))
-    two = pair.call("train", 10)[0]["losses"]
     one_par = {"zero_stage": 2, "micro_batch_size": GLOBAL_BATCH // 2, "grad_accum": 2}
     with WorkerGroup(TinyTrainer, ParallelConfig(num_workers=1), role="single") as single:
-        single.call("build", one_par)
-        one = single.call("train", 10)[0]["losses"]
+        # Two groups at once: start both, then gather both.
+        refs = pair.call_async("build", par2(2)), single.call_async("build", one_par)
+        pair.get(refs[0]), single.get(refs[1])
+        refs = pair.call_async("train", 10), single.call_async("train", 10)
+        two, one = pair.get(refs[0])[0]["losses"], single.get(refs[1])[0]["losses"]
     delta = max(abs(a - b) for a, b in zip(one, two))
     print(f"max |loss(1 rank, accum 2) - loss(2 ranks)| over 10 steps: {delta:.2e}")
     assert delta <= 1e-4, (one, two)
@@ -220,6 +224,8 @@ def test_group_identity_and_death_detection():
         for rank, name in enumerate(group.actor_names):
             assert name == f"echo/rank{rank}"
             assert ray.get(ray.get_actor(name).pid.remote()) == pids[rank]
+        with pytest.raises(KeyError, match="no such thing on rank"):
+            group.call("fail")  # a worker's own exception keeps its type
         group.kill_rank(1)
         t0 = time.perf_counter()
         with pytest.raises(WorkerDied) as err:
@@ -241,3 +247,12 @@ def test_rank_dying_mid_checkpoint_keeps_previous_complete(tmp_path):
     leftovers = [p.name for p in ckpt.checkpoints_dir(tmp_path).iterdir()]
     assert sorted(leftovers) == [".tmp-step_3", "step_2"], leftovers
     assert not (ckpt.checkpoints_dir(tmp_path) / ".tmp-step_3" / ckpt.MARKER).exists()
+
+
+def test_unplaceable_group_fails_with_resources_in_message():
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"group 'huge': placement group of 2 x \{'CPU': 3\.0\}"):
+        WorkerGroup(Echo, ParallelConfig(num_workers=2, cpus_per_worker=3.0), role="huge",
+                    start_timeout_s=2)
+    assert time.perf_counter() - t0 < 20
+    assert not [a for a in ray.util.list_named_actors() if a.startswith("huge/")]

@@ -1,0 +1,281 @@
+"""TokenStream: the streaming reader over ingested shards, per data-parallel rank.
+
+What it yields (``seq_len`` = T):
+
+* ``iter(stream)``: one block at a time, a dict of
+    ``input_ids``   LongTensor (T + 1,)  tokens; block k+1 starts with block k's last token, so
+                    ``input_ids[:-1]`` are inputs and ``input_ids[1:]`` their labels and every
+                    token is a label exactly once;
+    ``num_tokens``  int, valid ids in ``input_ids`` (T + 1 except at the end of a finite epoch or
+                    of an unpacked document; the rest is pad_id);
+    ``doc_ids``, ``position_ids`` LongTensor (T + 1,) with ``cfg.document_positions``: equal
+                    doc_ids = same document (a running count), positions restart at 0 per
+                    document and count its EOS; pads have doc_id -1.
+* ``stream.iter_batches(B)``: the same stacked, ``(B, T + 1)`` / ``(B,)``, plus the ints
+  ``epoch``, ``step`` (this reader's batch counter) and ``consumer`` (its global index) that
+  collators use to seed their randomness. This is the fast path (no per-block tensors).
+
+Documents are packed (concatenate with EOS after each, then cut) unless ``cfg.packing`` is
+False, in which case each block starts at a document start and is padded after its EOS.
+
+The stream is infinite by default: when a source's documents for this reader are used up it
+continues with that source's next epoch (order recomputed from seed and epoch). With
+``infinite=False`` it stops after one epoch (of every source): validation and tests.
+
+Rank r of N with W = ``cfg.loader_workers`` workers is consumers r*W .. r*W+W-1 of N*W; see
+data_pipeline.packing for how documents are dealt. In the training process (no DataLoader)
+the W consumers are read round-robin, exactly as a DataLoader with W workers would deliver
+them, so results do not depend on whether worker processes are used.
+
+``state_dict()`` after consuming an item describes the position right after it (per consumer:
+a few integers; no token data); ``load_state_dict`` on a fresh stream resumes bit for bit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_pipeline.config import DataConfig, SourceConfig
+from data_pipeline.packing import Packer, Source
+from data_pipeline.shards import DataError
+
+STATE_VERSION = 1
+
+
+class DataStateError(ValueError):
+    """A saved data state that does not fit this stream (world size, sources, ...)."""
+
+
+def _rows(flat: np.ndarray, B: int, T1: int) -> np.ndarray:
+    """(B, T1) int64 rows of a flat (B*(T1-1)+1,) buffer; row r = flat[r*(T1-1) : r*(T1-1)+T1]
+    (a reshape plus one column: much faster than copying a strided view)."""
+    T = T1 - 1
+    out = np.empty((B, T1), dtype=np.int64)
+    out[:, :T] = flat[:-1].reshape(B, T)
+    out[:, T] = flat[T::T]
+    return out
+
+
+class TokenStream(IterableDataset):
+    def __init__(self, path: str | Path | None = None, cfg: DataConfig | None = None,
+                 rank: int = 0, world_size: int = 1, epoch: int = 0, *, split: str = "train",
+                 infinite: bool = True, tokenizer: Any = None):
+        """`path`: an ingested folder or manifest.json (else cfg.path / cfg.sources);
+        `split`: "train" or "val" (cfg.val_path, or the val_fraction tail of each shard of
+        the train data; val is read in order, unshuffled); `tokenizer`: a Tokenizer or sha256 that the manifest
+        must match (None skips the check)."""
+        cfg = cfg or DataConfig()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        self.cfg, self.rank, self.world_size, self.split = cfg, rank, world_size, split
+        self.infinite, self.start_epoch = infinite, epoch
+        self.shuffle = cfg.shuffle and split == "train"
+        self.sources = self._open_sources(path, tokenizer)
+        self.weights = [s.weight for s in self._source_cfgs]
+        self.workers = max(1, cfg.loader_workers)
+        self.eos_id, self.pad_id = self.sources[0].eos_id, self.sources[0].pad_id
+        wide = any(s.dtype.itemsize > 2 for s in self.sources)
+        self._buf_dtype = np.uint32 if wide else np.uint16
+        self._states: list[dict | None] = [None] * self.workers
+        self._live: dict[int, Packer] = {}  # packers of the current in-process iteration
+        self._next = 0       # logical worker that delivers the next item
+        self._rotation = 0   # physical DataLoader worker j plays logical worker (j + rotation) % W
+        for w in range(self.workers):  # fail now, not in a worker, if the data is too small
+            self._packer(w)
+
+    def _open_sources(self, path: str | Path | None, tokenizer: Any) -> list[Source]:
+        """train: `path` or cfg.path / cfg.sources. val: cfg.val_path (or `path`) read whole
+        when cfg.val_path is set, else the val_fraction tail of each shard of the train data."""
+        cfg = self.cfg
+        whole_val = self.split == "val" and bool(cfg.val_path)
+        if self.split == "val" and not whole_val and cfg.val_fraction <= 0:
+            raise DataError("no validation data: set data.val_path or data.val_fraction")
+        if path is not None:
+            cfgs = [SourceConfig(name="default", path=str(path))]
+        elif whole_val:
+            cfgs = [SourceConfig(name="val", path=cfg.val_path)]
+        else:
+            cfgs = cfg.resolved_sources()
+        frac = 0.0 if whole_val else cfg.val_fraction
+        split = "train" if whole_val else self.split
+        self._source_cfgs = cfgs
+        return [Source(c.name, c.path, split, frac, tokenizer) for c in cfgs]
+
+    # -- consumers --------------------------------------------------------------------------------
+    def _packer(self, logical: int) -> Packer:
+        c = self.rank * self.workers + logical
+        return Packer(self.sources, self.weights, self.cfg.mix_by, c,
+                      self.world_size * self.workers, self.cfg.seed, self.shuffle,
+                      self.cfg.shuffle_buffer, self.start_epoch, self.infinite,
+                      self.cfg.packing, self._states[logical])
+
+    def _batch(self, pk: Packer, B: int) -> dict[str, Any] | None:
+        """The next (B, T+1) batch of one consumer, or None when its finite epoch is over."""
+        epoch, step = pk.epoch, pk.step
+        fill = self._fill_packed if self.cfg.packing else self._fill_unpacked
+        tok, doc, pos, valid = fill(pk, B, self.cfg.seq_len + 1, self.cfg.document_positions)
+        if valid[-1] < 2:  # rows with fewer than 2 ids (end of a finite epoch) are dropped
+            keep = valid >= 2
+            if not keep.any():
+                return None
+            tok, valid = tok[keep], valid[keep]
+            doc, pos = (doc[keep], pos[keep]) if doc is not None else (None, None)
+        pk.step += 1
+        out = {"input_ids": torch.from_numpy(tok), "num_tokens": torch.from_numpy(valid)}
+        if doc is not None:
+            out["doc_ids"], out["position_ids"] = torch.from_numpy(doc), torch.from_numpy(pos)
+        out.update(epoch=epoch, step=step, consumer=self.rank * self.workers)
+        return out
+
+    def _fill_packed(self, pk: Packer, B: int, T1: int, pos_on: bool):
+        """Fill B*(T1-1)+1 tokens in one flat buffer; rows are overlapping strided views."""
+        flat = np.empty(B * (T1 - 1) + 1, dtype=self._buf_dtype)
+        fdoc = np.full(len(flat), -1, dtype=np.int64) if pos_on else None
+        fpos = np.zeros(len(flat), dtype=np.int64) if pos_on else None
+        first = 0
+        if pk.carry is not None:  # the last token of the previous block starts this one
+            flat[0] = pk.carry[0]
+            if pos_on:
+                fdoc[0], fpos[0] = pk.carry[1], pk.carry[2]
+            first = 1
+        n = first + pk.fill(flat[first:], None if fdoc is None else fdoc[first:],
+                            None if fpos is None else fpos[first:])
+        if n >= 1:
+            pk.carry = [int(flat[n - 1]), int(fdoc[n - 1]) if pos_on else 0,
+                        int(fpos[n - 1]) if pos_on else 0]
+        if n < len(flat):
+            flat[n:] = self.pad_id
+            valid = np.clip(n - np.arange(B) * (T1 - 1), 0, T1)
+        else:
+            valid = np.full(B, T1)
+        tok = _rows(flat, B, T1)
+        if not pos_on:
+            return tok, None, None, valid
+        return tok, _rows(fdoc, B, T1), _rows(fpos, B, T1), valid
+
+    def _fill_unpacked(self, pk: Packer, B: int, T1: int, pos_on: bool):
+        """Each row starts at a document start (or continues one that did not fit) and is
+        padded after the document's EOS."""
+        tok = np.full((B, T1), self.pad_id, dtype=self._buf_dtype)
+        doc = np.full((B, T1), -1, dtype=np.int64) if pos_on else None
+        pos = np.zeros((B, T1), dtype=np.int64) if pos_on else None
+        valid = np.zeros(B, dtype=np.int64)
+        for r in range(B):
+            first = 0
+            if pk.carry is not None:
+                tok[r, 0] = pk.carry[0]
+                if pos_on:
+                    doc[r, 0], pos[r, 0] = pk.carry[1], pk.carry[2]
+                first = 1
+            n = first + pk.fill(tok[r, first:], None if doc is None else doc[r, first:],
+                                None if pos is None else pos[r, first:], boundary_stop=True)
+            valid[r] = n
+            mid_doc = pk.cur >= 0 and n == T1
+            pk.carry = ([int(tok[r, n - 1]), int(doc[r, n - 1]) if pos_on else 0,
+                         int(pos[r, n - 1]) if pos_on else 0] if mid_doc else None)
+            if n < 2 and pk.done:
+                break
+        return tok.astype(np.int64), doc, pos, valid
+
+    # -- iteration --------------------------------------------------------------------------------
+    def _iterate(self, B: int, logical_ids: list[int]) -> Iterator[tuple[int, dict, Packer]]:
+        """Round-robin over `logical_ids`' consumers, starting with the first. The packers
+        stay live while suspended at a yield, so their state is read only when asked for."""
+        self._materialize()
+        packers = {w: self._packer(w) for w in logical_ids}
+        self._live = packers
+        active = list(logical_ids)
+        while active:
+            for w in list(active):
+                pk = packers[w]
+                batch = None if pk.done else self._batch(pk, B)
+                if batch is None:
+                    pk.done = True
+                    active.remove(w)
+                    continue
+                batch["consumer"] = self.rank * self.workers + w
+                self._next = (w + 1) % self.workers
+                yield w, batch, pk
+
+    def _materialize(self) -> None:
+        """Copy the live packers' positions into _states (before a new iteration / a save)."""
+        for w, pk in getattr(self, "_live", {}).items():
+            self._states[w] = pk.state()
+
+    def _logical_ids(self) -> list[int]:
+        info = get_worker_info()
+        if info is None:
+            return [(self._next + i) % self.workers for i in range(self.workers)]
+        if info.num_workers != self.workers:
+            raise DataStateError(f"DataLoader has {info.num_workers} workers but "
+                                 f"data.loader_workers is {self.workers}")
+        return [(info.id + self._rotation) % self.workers]
+
+    def iter_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
+        for _, batch, _ in self._iterate(batch_size, self._logical_ids()):
+            yield batch
+
+    def iter_batches_with_state(self, batch_size: int) -> Iterator[tuple[int, dict, dict]]:
+        """(logical worker, batch, that worker's state after it): for DataLoader workers."""
+        for w, batch, pk in self._iterate(batch_size, self._logical_ids()):
+            yield w, batch, pk.state()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.iter_batches(1):
+            block = {"input_ids": batch["input_ids"][0], "num_tokens": int(batch["num_tokens"][0])}
+            if "doc_ids" in batch:
+                block["doc_ids"], block["position_ids"] = batch["doc_ids"][0], batch["position_ids"][0]
+            yield block
+
+    # -- epochs and state -----------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Restart every consumer of this rank at the beginning of `epoch`."""
+        self.start_epoch = epoch
+        self._states = [None] * self.workers
+        self._live = {}
+        self._next = self._rotation = 0
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the first source at the next consumer to deliver."""
+        self._materialize()
+        st = self._states[self._next]
+        return st["epoch"][0] if st else self.start_epoch
+
+    def _fingerprint(self) -> list:
+        return [[s.name, s.num_docs, s.manifest["tokenizer"].get("sha256")] for s in self.sources]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Small, JSON-serializable position of this rank's reader (after the last item)."""
+        self._materialize()
+        return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
+                "loader_workers": self.cfg.loader_workers, "seed": self.cfg.seed,
+                "seq_len": self.cfg.seq_len, "packing": self.cfg.packing, "split": self.split,
+                "start_epoch": self.start_epoch, "sources": self._fingerprint(),
+                "next_worker": self._next,
+                "workers": [None if s is None else dict(s) for s in self._states]}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        for key, mine in (("world_size", self.world_size), ("rank", self.rank),
+                          ("loader_workers", self.cfg.loader_workers), ("seed", self.cfg.seed),
+                          ("seq_len", self.cfg.seq_len), ("packing", self.cfg.packing),
+                          ("split", self.split)):
+            if d.get(key) != mine:
+                raise DataStateError(
+                    f"data state was saved with {key}={d.get(key)} but this run has {key}={mine}; "
+                    f"resume with the same {key}, or start the data stream fresh")
+        if d.get("version") != STATE_VERSION:
+            raise DataStateError(f"data state version {d.get('version')} is not {STATE_VERSION}")
+        if [list(x) for x in d["sources"]] != self._fingerprint():
+            raise DataStateError(f"data state was saved for sources {d['sources']} but this run "
+                                 f"reads {self._fingerprint()}")
+        self.start_epoch = d["start_epoch"]
+        self._live = {}
+        self._states = [None if s is None else dict(s) for s in d["workers"]]
+        self._next = self._rotation = d["next_worker"]
