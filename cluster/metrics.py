@@ -34,6 +34,7 @@ from typing import Any, Mapping
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 LABELS = ("job", "role", "rank")
+RAY_REFRESH_S = 5.0
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -144,6 +145,9 @@ class MetricsLogger:
         self._gauges: dict[str, Gauge] = {}
         self._sources: dict[str, tuple[str, str]] = {}  # metric name -> (kind, key)
         self._ray_gauges: dict[str, Any] = {}
+        self._ray_last: dict[tuple, tuple] = {}  # (name, tags) -> (gauge, value, tags)
+        self._refresher: threading.Thread | None = None
+        self._closed = threading.Event()
         self._csv: dict[str, _CsvLog] = {}
         self._lock = threading.Lock()
         mem = Gauge("trellis_process_resident_memory_bytes",
@@ -175,6 +179,7 @@ class MetricsLogger:
     def close(self) -> None:
         """Stop the endpoint (after cfg.linger_s, see there) and remove its service-discovery
         file. Idempotent."""
+        self._closed.set()
         if self._server is not None:
             seen, deadline = self.scrapes, time.monotonic() + self.cfg.linger_s
             while self.scrapes == seen and time.monotonic() < deadline:
@@ -252,7 +257,21 @@ class MetricsLogger:
             from ray.util.metrics import Gauge as RayGauge
             g = RayGauge(name, description=desc, tag_keys=LABELS + tuple(extra))
             self._ray_gauges[name] = g
-        g.set(value, tags={**self.labels, **extra})
+        tags = {**self.labels, **extra}
+        g.set(value, tags=tags)
+        self._ray_last[(name, tuple(sorted(tags.items())))] = (g, value, tags)
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=self._refresh_ray, daemon=True,
+                                               name="trellis-ray-metrics")
+            self._refresher.start()
+
+    def _refresh_ray(self) -> None:
+        """Measured (Ray 2.60): Ray's export drops a gauge ~20 s after its last set, so a
+        figure logged rarely (eval) would vanish between logs. Re-set the last values."""
+        while not self._closed.wait(RAY_REFRESH_S):
+            with self._lock:
+                for g, value, tags in list(self._ray_last.values()):
+                    g.set(value, tags=tags)
 
     def log_memory(self) -> float:
         """Current resident memory (bytes); the gauge itself is read at scrape time."""

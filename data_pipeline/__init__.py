@@ -1,5 +1,20 @@
 """trellis data_pipeline: SentencePiece tokenizer, ingest to Arrow shards, streaming reader,
-collators, rollout batches. Names are imported lazily so `import data_pipeline` stays cheap."""
+collators, rollout batches. Names are imported lazily so `import data_pipeline` stays cheap.
+
+    tokenizer.py   TokenizerConfig, Tokenizer, train_tokenizer (fixed special ids)
+    corpus.py      the default English corpus present on every machine with Python
+    config.py      InputSource, IngestConfig, SourceConfig, DataConfig
+    inputs.py      raw inputs: paths/globs, pieces of files, records (text/JSONL/Parquet/Arrow)
+    shards.py      shard + manifest format, DataError
+    ingest.py      ingest(): parallel, resumable tokenization into shards
+    ingest_job.py  ingest_from_config(): what `trellis ingest` runs
+    packing.py     epoch order, rank/worker dealing, packing engine
+    stream.py      TokenStream: the per-rank streaming reader with exact resume
+    loader.py      batches(): micro-batches with optional DataLoader workers
+    collate.py     CLM, MLM, SFT, pair and prompt collators
+    structured.py  SFT/RLHF tables: ingest_structured, StructuredDataset
+    rollout.py     RolloutBatch <-> Arrow (zero-copy) <-> Parquet
+"""
 from __future__ import annotations
 
 import importlib
@@ -8,6 +23,15 @@ _EXPORTS = {
     "TokenizerConfig": "tokenizer", "Tokenizer": "tokenizer", "TokenizerError": "tokenizer",
     "train_tokenizer": "tokenizer",
     "default_corpus_documents": "corpus", "write_default_corpus": "corpus",
+    "InputSource": "config", "IngestConfig": "config", "SourceConfig": "config",
+    "DataConfig": "config",
+    "DataError": "shards", "load_manifest": "shards", "make_token_dataset": "shards",
+    "ingest": "ingest", "ingest_from_config": "ingest_job",
+    "TokenStream": "stream", "DataStateError": "stream", "batches": "loader",
+    "clm_collate": "collate", "MLMCollator": "collate", "SFTCollator": "collate",
+    "PairCollator": "collate", "PromptCollator": "collate", "IGNORE": "collate",
+    "ingest_structured": "structured", "StructuredDataset": "structured",
+    "RolloutBatch": "rollout", "to_arrow": "rollout", "from_arrow": "rollout",
 }
 
 

@@ -9,6 +9,10 @@ consumers never overlap and together read every document exactly once per epoch.
 A consumer's position is three integers per source (epoch, index in its sequence, token
 offset in the current document) plus mixing counters: that is the whole resumable state,
 because every order is recomputed from (seed, epoch) instead of being stored.
+
+Speed: a window's document spans are looked up vectorized; a single source then gathers
+consecutive documents (EOS after each) into ~256K-token chunks with one concatenate, so
+filling a batch is one slice copy per chunk touched instead of Python work per document.
 """
 from __future__ import annotations
 
@@ -191,15 +195,13 @@ class Cursor:
         while i1 < len(lengths) and total < CHUNK_TOKENS:
             total += lengths[i1] + 1
             i1 += 1
-        buf = np.empty(total, dtype=self.src.dtype)
-        o = 0
-        for i in range(i0, i1):
-            n, a = lengths[i], starts[i]
-            buf[o:o + n] = vals[i][a:a + n]
-            o += n + 1
+        k = i1 - i0
+        parts: list = [None] * (2 * k)  # document, EOS, document, EOS, ... in one concatenate
+        parts[0::2] = [v[a:a + n] for v, a, n in zip(vals[i0:i1], starts[i0:i1], lengths[i0:i1])]
+        parts[1::2] = [np.full(1, eos, dtype=self.src.dtype)] * k
+        buf = np.concatenate(parts)
         lens = np.asarray(lengths[i0:i1], dtype=np.int64) + 1
         end = np.cumsum(lens)
-        buf[end - 1] = eos
         self._chunk = Chunk(self.pos, buf, (end - lens).tolist(), end.tolist())
         return self._chunk
 

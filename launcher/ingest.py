@@ -52,7 +52,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from data_pipeline.config import IngestConfig, InputSource
-    from data_pipeline.ingest import ingest_from_config
+    from data_pipeline.ingest_job import ingest_from_config
     from data_pipeline.shards import DataError
     from data_pipeline.tokenizer import TokenizerError
 

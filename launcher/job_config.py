@@ -13,6 +13,23 @@ from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 
 
 @dataclass
+class LoopConfig:
+    steps: int = field(default=300, metadata={"min": 1})
+    """Optimizer steps to train for (the schedule's length)."""
+    log_every: int = field(default=10, metadata={"min": 1})
+    """Steps between logged (and printed) metric rows."""
+    eval_every: int = field(default=100, metadata={"min": 0})
+    """Steps between validation passes; 0 = only at the end."""
+    eval_batches: int = field(default=4, metadata={"min": 1})
+    """Micro-batches per rank in a validation pass."""
+    stop_after: int = field(default=0, metadata={"min": 0})
+    """End this invocation after this step (checkpointed) though the schedule spans `steps`:
+    for time-sliced or preemptible allocations; a later run resumes. 0 = run to the end."""
+    max_failures: int = field(default=0, metadata={"min": 0})
+    """Worker deaths to recover from (restart the group, resume the latest checkpoint)."""
+
+
+@dataclass
 class DistillConfig:
     teacher: str = ""
     """Teacher: an HF BERT directory or a trellis run directory (its latest checkpoint)."""
@@ -27,24 +44,11 @@ class DistillConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(LoopConfig):
     objective: Literal["clm", "mlm", "distill"] = "clm"
     """clm: GPT next-token; mlm: BERT masked LM (RoBERTa recipe); distill: DistilBERT student."""
-    steps: int = field(default=300, metadata={"min": 1})
-    """Optimizer steps to train for (the schedule's length)."""
-    log_every: int = field(default=10, metadata={"min": 1})
-    """Steps between logged (and printed) metric rows."""
-    eval_every: int = field(default=100, metadata={"min": 0})
-    """Steps between validation passes; 0 = only at the end."""
-    eval_batches: int = field(default=4, metadata={"min": 1})
-    """Micro-batches per rank in a validation pass."""
     sample_tokens: int = field(default=48, metadata={"min": 0})
     """Tokens generated as a sample at the end (GPT only); 0 = none."""
-    stop_after: int = field(default=0, metadata={"min": 0})
-    """End this invocation after this step (checkpointed) though the schedule spans `steps`:
-    for time-sliced or preemptible allocations; a later run resumes. 0 = run to the end."""
-    max_failures: int = field(default=0, metadata={"min": 0})
-    """Worker deaths to recover from (restart the group, resume the latest checkpoint)."""
     mask_prob: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})
     """MLM: fraction of non-special tokens chosen per batch."""
 

@@ -1,11 +1,9 @@
 """One data-parallel rank of `trellis pretrain`: its model engine, its own slice of the token
-stream, the objective's loss. The driver (launcher/pretrain.py) only coordinates; the same
+stream, the objective's loss (clm, mlm or distill). The driver only coordinates; the same
 class runs in a Ray actor or in-process (--local)."""
 from __future__ import annotations
 
 import itertools
-import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,28 +11,25 @@ import torch
 from data_pipeline.collate import MLMCollator, clm_collate
 from data_pipeline.stream import TokenStream
 from launcher.config import from_dict
+from launcher.engine_worker import EngineWorker
 from launcher.job_config import PretrainJobConfig
 from model.build import build_model
 from model.generate import GenerationConfig, generate
 from model.losses import distillation_loss, token_cross_entropy
-from parallel import checkpoint, dist
-from parallel.batch import BatchPlan
-from parallel.engine import Engine
+from parallel import dist
 from parallel.rng import seed_all
 
 
-class PretrainWorker:
+class PretrainWorker(EngineWorker):
     def __init__(self, rank: int, world_size: int, cfg: dict, data_dir: str,
-                 val_dir: str | None, run_dir: str, tokenizer_sha256: str | None = None):
-        self.cfg = c = from_dict(PretrainJobConfig, cfg)
-        self.rank, self.world = rank, world_size
-        self.run_dir = Path(run_dir)
+                 val_dir: str | None, run_dir: str, tokenizer_sha256: str | None = None,
+                 teacher_dir: str | None = None):
+        c = from_dict(PretrainJobConfig, cfg)
         seed_all(c.seed)  # identical init on every rank
-        self.plan = BatchPlan.from_config(c.parallel, c.data.seq_len, world_size)
-        self.teacher = self._load_teacher() if c.train.objective == "distill" else None
-        model = self._build_student() if self.teacher is not None else \
+        self.teacher = self._load_teacher(teacher_dir) if teacher_dir else None
+        model = self._build_student(c) if self.teacher is not None else \
             build_model(c.model, "lm" if c.train.objective == "clm" else "mlm")
-        self.engine = Engine(model, c.optim, c.parallel, total_steps=c.train.steps, plan=self.plan)
+        self._setup(rank, world_size, c, run_dir, model, c.data.seq_len)
         # The manifest must have been made by the tokenizer this job uses.
         self.stream = TokenStream(data_dir, c.data, rank=rank, world_size=world_size,
                                   tokenizer=tokenizer_sha256)
@@ -44,31 +39,28 @@ class PretrainWorker:
         # stream's batches carry, so it is fresh every epoch and identical after a resume.
         self.mlm = None if c.train.objective == "clm" else \
             MLMCollator(vocab_size=c.model.vocab_size, mask_prob=c.train.mask_prob, seed=c.seed)
-        self.step = 0
 
-    # ---- model set-up -------------------------------------------------------------------
-    def _load_teacher(self) -> torch.nn.Module:
-        from model.hf import load_hf_pretrained
+    # ---- models --------------------------------------------------------------------------
+    def _load_teacher(self, teacher_dir: str) -> torch.nn.Module:
+        from model.io import load_module
 
-        teacher, tcfg = load_hf_pretrained(self.cfg.distill.teacher)
-        self.teacher_cfg = tcfg
+        teacher, self.teacher_cfg, _ = load_module(teacher_dir)
         return teacher.eval().requires_grad_(False)
 
-    def _build_student(self) -> torch.nn.Module:
+    def _build_student(self, c: PretrainJobConfig) -> torch.nn.Module:
         """DistilBERT: half the teacher's depth, initialised from every other teacher layer."""
         from model.distill import init_student_from_teacher
 
-        return init_student_from_teacher(self.teacher, self.teacher_cfg, self.cfg.model.dropout)
+        return init_student_from_teacher(self.teacher, self.teacher_cfg, c.model.dropout)
 
-    # ---- one step ----------------------------------------------------------------------
-    def _batch(self) -> dict[str, torch.Tensor]:
+    # ---- EngineWorker hooks ----------------------------------------------------------------
+    def next_batch(self) -> dict[str, torch.Tensor]:
         blocks = next(self._it)  # (B, T+1) ids with the stream's epoch/step metadata
         return self.mlm(blocks) if self.mlm is not None else clm_collate(blocks)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.engine.device
-        ids = batch["input_ids"].to(dev)
-        mask = batch["attention_mask"].to(dev)
+        ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
         labels = batch["labels"].to(dev)
         if self.teacher is None:
             logits = self.engine.forward(ids, attention_mask=mask)  # (B, T, V)
@@ -83,26 +75,12 @@ class PretrainWorker:
         return distillation_loss(s_logits, t_logits, labels, s_hidden, t_hidden, mask,
                                  d.temperature, d.alpha_kl, d.alpha_mlm, d.alpha_cos)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step (grad_accum micro-batches); metrics averaged over ranks."""
-        t0 = time.perf_counter()
-        self.engine.train()
-        losses, parts, tokens, info = [], {}, 0, {}
-        for _ in range(self.plan.grad_accum):
-            batch = self._batch()
-            loss, extra = self._loss(batch)
-            self.engine.backward(loss)
-            info = self.engine.step() or info
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
-            for k, v in extra.items():
-                parts[k] = parts.get(k, 0.0) + v / self.plan.grad_accum
-        self.step += 1
-        out = {"loss": dist.all_reduce_mean(sum(losses) / len(losses)),
-               "lr": info.get("lr", 0.0), "grad_norm": info.get("grad_norm", float("nan")),
-               "tokens": tokens * self.world, "step_time": time.perf_counter() - t0}
-        out.update({k: dist.all_reduce_mean(v) for k, v in parts.items()})
-        return out
+    def data_state(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._it = self.stream.iter_batches(self.plan.micro_batch)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -128,47 +106,10 @@ class PretrainWorker:
         loss = dist.all_reduce_mean(total / n)
         return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
 
-    # ---- checkpoints -------------------------------------------------------------------
-    def save(self, step: int) -> str:
-        state = {"data": self.stream.state_dict(), "step": step}
-        path = checkpoint.save_checkpoint(self.run_dir, step, {"model": self.engine}, state,
-                                          keep_last=self.cfg.checkpoint.keep_last)
-        return str(path)
-
-    def resume(self, path: str | None) -> int:
-        """Load `path` (a complete checkpoint) if given; returns the step to continue from."""
-        if not path:
-            return 0
-        restored = checkpoint.load_checkpoint(path, {"model": self.engine})
-        self.stream.load_state_dict(restored.state["data"])
-        self._it = self.stream.iter_batches(self.plan.micro_batch)
-        self.step = restored.step
-        return restored.step
-
-    # ---- inspection --------------------------------------------------------------------
     def sample(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
         """Greedy continuation of one prompt (GPT only)."""
-        module = self.engine.module
         ids = torch.tensor([prompt_ids], device=self.engine.device)
-        gen = generate(module, ids, torch.ones_like(ids),
-                       GenerationConfig(max_new_tokens=max_new_tokens, eos_id=eos_id))
+        gen = generate(self.engine.module, ids, torch.ones_like(ids),
+                       GenerationConfig(max_new_tokens=max_new_tokens, eos_id=eos_id,
+                                        stop_early=self.world == 1))
         return gen.tokens[0][gen.mask[0].bool()].tolist()
-
-    @torch.no_grad()
-    def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
-        """Logits (B, T, V) of the current weights, on CPU (collective under ZeRO-3)."""
-        self.engine.eval()
-        ids = torch.tensor(input_ids, device=self.engine.device)
-        return self.engine.forward(ids).float().cpu()
-
-    def param_numel(self) -> dict[str, int]:
-        return {"local": self.engine.local_param_numel(), "global": self.engine.global_param_numel(),
-                "zero_stage": self.engine.zero_stage}
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
-    def info(self) -> dict[str, Any]:
-        return {"plan": self.plan.describe(), "device": str(self.engine.device)}

@@ -267,7 +267,7 @@ class Engine:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
         else:
-            # DeepSpeed's own model-state file (config objects inside, so not weights_only).
+            # DeepSpeed's own model-state file; tensors and plain values only, so never unpickled.
             sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)["module"]
+                            weights_only=True)["module"]
         return {k: v.float() for k, v in sd.items()}

@@ -240,7 +240,6 @@ class LocalGroup:
         if par.num_workers != 1:
             raise ValueError(f"LocalGroup runs one rank; num_workers is {par.num_workers}")
         self.role, self.world_size = role, 1
-        self._owns_pg = not dist.is_initialized()
         dist.init_distributed(0, 1, "127.0.0.1", dist.free_port(), par.backend)
         self._obj: Any = resolve_class(worker_cls)(0, 1, **(worker_kwargs or {}))
 
@@ -282,10 +281,9 @@ class LocalGroup:
         self._obj = None
 
     def shutdown(self) -> None:
+        # The world-1 process group stays for the life of the process: DeepSpeed caches group
+        # handles, so a destroyed and re-created group breaks the next engine built here.
         self._obj = None
-        if self._owns_pg:
-            dist.destroy_distributed()
-            self._owns_pg = False
 
     def __enter__(self) -> "LocalGroup":
         return self

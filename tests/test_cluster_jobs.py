@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -87,15 +86,27 @@ import sys, ray
 from cluster.metrics import MetricsConfig, MetricsLogger
 ray.init(address=sys.argv[1], log_to_driver=False)
 m = MetricsLogger(sys.argv[2], MetricsConfig(port=-1, job="mirror-test"))
-m.log(3, {"loss": 4.25})
-print("logged", flush=True)
+m.log(3, {"loss": 4.25})  # once: MetricsLogger must keep it alive in Ray's export
 sys.stdin.readline()
+m.close()
 """
 
 
 @pytest.fixture(scope="module")
-def jobs(head, tmp_path_factory):
-    """Submit a failing and a good job, watch the good one's endpoint while it runs."""
+def mirror(head, tmp_path_factory):
+    """A Ray driver that logs one figure through MetricsLogger and stays connected."""
+    env = {**CLIENT_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head["info"].token_path}
+    run = tmp_path_factory.mktemp("mirror")
+    proc = subprocess.Popen([sys.executable, "-c", MIRROR, head["info"].address, str(run)],
+                            cwd=ROOT, env=env, stdin=subprocess.PIPE, text=True)
+    yield {"started": time.monotonic()}
+    proc.communicate("done\n", timeout=60)
+
+
+@pytest.fixture(scope="module")
+def jobs(head, mirror, tmp_path_factory):
+    """Submit a failing and a good job; scrape the good one's endpoint while it runs; and
+    meanwhile check that a Ray driver's MetricsLogger reaches Ray's own export."""
     tmp = tmp_path_factory.mktemp("jobs")
     out = {"run_dir": tmp / "run"}
     bad = trellis("submit", "--config", TINY, "--set", "train.no_such_key=1", "--local",
@@ -105,50 +116,40 @@ def jobs(head, tmp_path_factory):
     good = trellis("submit", "--config", TINY, "--local", "--run-dir", str(out["run_dir"]),
                    *head["addr"])
     assert good.returncode == 0, good.stderr
-    out["good_id"] = gid = re.search(r"submitted: (\S+)", good.stdout).group(1)
-    # Meanwhile a Ray driver logs through MetricsLogger: Ray's export must carry it.
-    env = {**CLIENT_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": head["info"].token_path}
-    mirror = subprocess.Popen([sys.executable, "-c", MIRROR, head["info"].address, str(tmp / "m")],
-                              cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
-    try:
-        out["scrapes"], out["endpoint"] = _watch_job(head, gid)
-        out["ray_export"] = _wait_for_ray_export(head["info"].metrics_url)
-    finally:
-        mirror.communicate("done\n", timeout=60)
+    out["good_id"] = re.search(r"submitted: (\S+)", good.stdout).group(1)
+    out.update(_watch_job(head, out["good_id"], out["run_dir"]))
     return out
 
 
-def _watch_job(head, gid: str):
-    """Find the endpoint in the job's logs; scrape it while the job trains and once after
-    the last step (which releases the job's metrics.linger_s)."""
-    deadline, url, scrapes, endpoint = time.monotonic() + 150, None, [], None
-    while time.monotonic() < deadline:
-        logs = trellis("jobs", "logs", gid, *head["addr"]).stdout
-        url = url or (m.group(1) if (m := re.search(r"trellis metrics: (\S+)", logs)) else None)
-        if url:
-            port = int(url.rsplit(":", 1)[1].split("/")[0])
-            endpoint = endpoint or [c.laddr.ip for c in psutil.net_connections("tcp")
-                                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+def _watch_job(head, gid: str, run_dir: Path) -> dict:
+    """Scrape the job's endpoint (found through its service-discovery file) until it closes
+    after the last step, the scrape releasing the job's metrics.linger_s; poll Ray's export."""
+    sd_file = run_dir / "metrics" / "endpoints" / "driver-0.json"
+    found = {"scrapes": [], "endpoint": None, "ray_export": []}
+    start = time.monotonic()
+    url, done, last_status_check = None, False, start
+    while not done and time.monotonic() - start < 150:
+        if url is None and sd_file.is_file():
+            target = json.loads(sd_file.read_text())[0]["targets"][0]
+            url = f"http://{target}/metrics"
+            port = int(target.rsplit(":", 1)[1])
+            found["endpoint"] = [c.laddr.ip for c in psutil.net_connections("tcp")
+                                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        if url is not None:
             try:
-                scrapes.append(samples(url))
-            except OSError:
-                pass  # not up yet, or closed after the final scrape
-        if re.search(r"^final:", logs, re.M) or "FAILED" in logs:
-            return scrapes, endpoint
-        time.sleep(1.0)
-    raise AssertionError(f"job {gid} did not finish; last logs:\n{logs[-2000:]}")
-
-
-def _wait_for_ray_export(url: str, timeout: float = 40):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = [s for s in samples(url) if s.name == "ray_trellis_train_loss"
-               and s.labels.get("job") == "mirror-test"]
-        if got:
-            return got
-        time.sleep(1.0)
-    return []
+                found["scrapes"].append(samples(url))
+            except OSError:  # closed: the last scrape was the final one
+                done = any(s.name == "trellis_train_step" and s.value == 20
+                           for s in (found["scrapes"] or [[]])[-1])
+        if not found["ray_export"]:
+            found["ray_export"] = _mirrored(head)
+        if time.monotonic() - last_status_check > 20:  # a job that died early
+            last_status_check = time.monotonic()
+            st = trellis("jobs", "status", gid, *head["addr"])
+            assert "FAILED" not in st.stdout, st.stdout
+        time.sleep(0.5)
+    assert done, f"job {gid}: endpoint never served step 20 and closed"
+    return found
 
 
 def _status(head, sid):
@@ -173,8 +174,7 @@ def test_good_job_succeeds_and_logs_final_loss(head, jobs):
 
 def test_metrics_endpoint_scraped_while_running(jobs):
     assert jobs["endpoint"] == ["127.0.0.1"]  # the job's server socket, from the kernel
-    losses = [[s for s in scrape if s.name == "trellis_train_loss"] for s in [None]
-              for scrape in jobs["scrapes"]]
+    losses = [[s for s in scrape if s.name == "trellis_train_loss"] for scrape in jobs["scrapes"]]
     losses = [ls for ls in losses if ls]
     assert len(losses) >= 2, "too few scrapes found trellis_train_loss"
     sample = losses[0][0]
@@ -189,10 +189,18 @@ def test_metrics_endpoint_scraped_while_running(jobs):
     assert last and abs(last[0] - final_csv) < 1e-6  # the lingering endpoint's last word
 
 
-def test_ray_export_carries_trellis_metrics(head, jobs):
-    got = jobs["ray_export"]
+def _mirrored(head) -> list:
+    return [s for s in samples(head["info"].metrics_url)
+            if s.name == "ray_trellis_train_loss" and s.labels.get("job") == "mirror-test"]
+
+
+def test_ray_export_carries_trellis_metrics(head, mirror, jobs):
+    got = jobs["ray_export"]  # seen while the job ran
     assert got and got[0].value == 4.25
     assert got[0].labels["role"] == "driver" and got[0].labels["rank"] == "0"
+    # Still exported long after the single log (Ray alone drops a gauge after ~20 s).
+    assert time.monotonic() - mirror["started"] > 35
+    assert [s.value for s in _mirrored(head)] == [4.25]
     # Ray's Prometheus service discovery (prometheus.yml reads it) lists that export port;
     # Ray rewrites the file every few seconds as nodes register.
     target, sd_file = f"127.0.0.1:{head['ports']['metrics-export-port']}", \

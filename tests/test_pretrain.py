@@ -84,7 +84,8 @@ def test_zero2_lowers_loss_and_writes_checkpoints(zero2_run):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stages_train_and_zero3_partitions(tmp_path, corpus, ray_local, stage):
-    from launcher.pretrain_loop import make_group
+    from launcher.pretrain import pretrain_spec
+    from launcher.train_loop import make_group
 
     cfg = job(tmp_path, corpus, "parallel.num_workers=2", f"parallel.zero_stage={stage}",
               "train.steps=10")
@@ -92,7 +93,7 @@ def test_zero_stages_train_and_zero3_partitions(tmp_path, corpus, ray_local, sta
     curve = losses(tmp_path)
     assert curve[10] < curve[1] - 0.3, curve
     if stage == 3:
-        group = make_group(cfg, prepare_data(cfg, tmp_path), tmp_path, local=False, address=None)
+        group = make_group(cfg, pretrain_spec(cfg), local=False, address=None)
         try:
             numel = group.call("param_numel")
         finally:
@@ -170,14 +171,15 @@ def test_export_after_zero3_matches_transformers(tmp_path, corpus, ray_local):
     from transformers import GPT2LMHeadModel
 
     from launcher.export import export
-    from launcher.pretrain_loop import make_group
+    from launcher.pretrain import pretrain_spec
+    from launcher.train_loop import make_group
 
     cfg = job(tmp_path, corpus, "parallel.num_workers=2", "parallel.zero_stage=3",
               "train.steps=5")
     pretrain(cfg)
     out = export(tmp_path, tmp_path / "hf")
     ids = [[5, 17, 99, 3, 250, 41, 8, 300], [9, 9, 100, 200, 301, 7, 1, 2]]
-    group = make_group(cfg, prepare_data(cfg, tmp_path), tmp_path, local=False, address=None)
+    group = make_group(cfg, pretrain_spec(cfg), local=False, address=None)
     try:
         group.call("resume", str(tmp_path / "checkpoints" / "step_5"))
         ours = group.call("logits", ids)[0]  # (B, T, V) from the ZeRO-3-sharded engine

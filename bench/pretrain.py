@@ -1,0 +1,396 @@
+"""Pretraining throughput and ZeRO memory per rank (prints, never asserts).
+
+1. Speed: training tokens/s at the same config, batch, AdamW hyperparameters and thread count:
+     trellis-engine  model.build GPT through parallel.engine.Engine (DeepSpeed ZeRO-0, fp32,
+                     world 1 in-process)
+     trellis-plain   the same GPT with torch.optim.AdamW + clip_grad_norm_ (no DeepSpeed)
+     hf-sdpa/eager   transformers GPT2LMHeadModel (forward with labels) + torch AdamW + clip
+   Same random token batches; warm-up steps, then interleaved rounds (the variants take turns,
+   so load from other users of the machine hits all of them alike) and medians. Wall-clock and
+   CPU-time (process) tokens/s, the median fwd/bwd/optimizer split, and trellis/HF ratios.
+   Goal: trellis-engine >= 1.1x hf-sdpa on CPU. --profile adds torch.profiler op tables.
+2. Memory: bytes of parameters + gradients + optimizer state (fp32 master + exp_avg/exp_avg_sq)
+   each rank holds, for ZeRO-0..3 at world size 1 and 2 (processes via torch.multiprocessing,
+   gloo on loopback), counted from the live engines' tensors (unique storages). Goal: ZeRO-3
+   <= 0.55x. A what-if row shows ZeRO-3 with stage3_param_persistence_threshold=0.
+
+    python bench/pretrain.py [--preset gpt-small-cpu] [--threads 2] [--rounds 4] [--only speed]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from model.build import build_model  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.losses import token_cross_entropy  # noqa: E402
+from parallel.config import OptimConfig, ParallelConfig  # noqa: E402
+from parallel.engine import param_groups  # noqa: E402
+
+OPT = OptimConfig(lr=3e-4, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0)
+Step = Callable[[torch.Tensor], dict[str, float]]  # (B, T+1) tokens -> phase seconds
+
+
+# ---- the variants ------------------------------------------------------------------------
+def torch_adamw(model: nn.Module) -> torch.optim.AdamW:
+    """AdamW as DeepSpeed builds it for the engine (torch_adam, same groups and defaults)."""
+    return torch.optim.AdamW(param_groups(model, OPT.weight_decay), lr=OPT.lr,
+                             betas=tuple(OPT.betas), eps=OPT.eps)
+
+
+def phases(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
+           opt: Callable[[], None]) -> dict[str, float]:
+    t0 = time.perf_counter()
+    loss = fwd()
+    t1 = time.perf_counter()
+    bwd(loss)
+    t2 = time.perf_counter()
+    opt()
+    return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": time.perf_counter() - t2}
+
+
+def trellis_engine_step(cfg: ModelConfig, batch: int, total_steps: int) -> Step:
+    from parallel.engine import Engine
+    torch.manual_seed(0)
+    engine = Engine(build_model(cfg), OPT, ParallelConfig(zero_stage=0, micro_batch_size=batch),
+                    total_steps=total_steps)
+
+    def step(x: torch.Tensor) -> dict[str, float]:  # x (B, T+1)
+        return phases(lambda: token_cross_entropy(engine(x[:, :-1]), x[:, 1:]),
+                      engine.backward, engine.step)
+    return step
+
+
+def plain_step(model: nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> Step:
+    """Plain torch loop: forward, backward, clip, AdamW step, zero_grad."""
+    model.train()
+    opt = torch_adamw(model)
+
+    def optimize() -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), OPT.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step(x: torch.Tensor) -> dict[str, float]:
+        return phases(lambda: loss_fn(x), lambda loss: loss.backward(), optimize)
+    return step
+
+
+def trellis_plain_step(cfg: ModelConfig) -> Step:
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    return plain_step(model, lambda x: token_cross_entropy(model(x[:, :-1]), x[:, 1:]))
+
+
+def hf_step(cfg: ModelConfig, attn: str) -> Step:
+    """GPT2LMHeadModel at the same sizes (tied head, tanh GELU, no dropout). HF shifts labels
+    itself, so it predicts T-1 of the T positions (trellis: T); 1/T less loss work."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    hc = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_seq_len, n_embd=cfg.d_model,
+                    n_layer=cfg.n_layer, n_head=cfg.n_head, n_inner=cfg.ff_dim,
+                    activation_function="gelu_new", resid_pdrop=cfg.dropout,
+                    embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                    layer_norm_epsilon=cfg.layer_norm_eps, use_cache=False,
+                    bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel._from_config(hc, attn_implementation=attn)
+    assert model.config._attn_implementation == attn  # setup check, not a benchmark assertion
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=x[:, :-1], labels=x[:, :-1], use_cache=False).loss
+    return plain_step(model, loss_fn)
+
+
+# ---- timing ------------------------------------------------------------------------------
+def run_interleaved(variants: dict[str, Step], data: list[torch.Tensor], warmup: int,
+                    rounds: int, per_round: int) -> dict[str, list[dict[str, float]]]:
+    """Each round runs `per_round` steps of every variant, the order rotating by round."""
+    names = list(variants)
+    for name in names:
+        for i in range(warmup):
+            variants[name](data[i % len(data)])
+    out: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    k = 0
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            for _ in range(per_round):
+                c0 = time.process_time()
+                rec = variants[name](data[k % len(data)])
+                rec["cpu"] = time.process_time() - c0
+                rec["wall"] = rec["fwd"] + rec["bwd"] + rec["opt"]
+                rec["round"] = r
+                out[name].append(rec)
+                k += 1
+        print(f"  round {r + 1}/{rounds} done", flush=True)
+    return out
+
+
+def med(recs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in recs)
+
+
+def report_speed(res: dict[str, list[dict[str, float]]], tokens: int) -> None:
+    print(f"\n{'variant':16} {'tok/s wall':>11} {'tok/CPU-s':>10} {'step s':>7} {'min s':>7}"
+          f" {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>7}")
+    for name, recs in res.items():
+        w = med(recs, "wall")
+        print(f"{name:16} {tokens / w:11,.0f} {tokens / med(recs, 'cpu'):10,.0f} {w:7.3f}"
+              f" {min(r['wall'] for r in recs):7.3f} {1e3 * med(recs, 'fwd'):8.1f}"
+              f" {1e3 * med(recs, 'bwd'):8.1f} {1e3 * med(recs, 'opt'):7.1f}")
+    print()
+    pairs = [(a, b) for a in ("trellis-engine", "trellis-plain") for b in res
+             if b.startswith("hf-") and a in res] + [("trellis-engine", "trellis-plain")]
+    for a, b in pairs:
+        if a not in res or b not in res:
+            continue
+        per_round = []
+        for r in sorted({x["round"] for x in res[a]}):
+            wa = statistics.median(x["wall"] for x in res[a] if x["round"] == r)
+            wb = statistics.median(x["wall"] for x in res[b] if x["round"] == r)
+            per_round.append(wb / wa)
+        print(f"tokens/s {a} / {b}: {med(res[b], 'wall') / med(res[a], 'wall'):.3f}x wall, "
+              f"{med(res[b], 'cpu') / med(res[a], 'cpu'):.3f}x CPU-time; per round "
+              f"{min(per_round):.3f}..{max(per_round):.3f}")
+
+
+def profile(variants: dict[str, Step], x: torch.Tensor, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as tprofile
+    for name, step in variants.items():
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            step(x)
+        print(f"\n--- torch.profiler, one step of {name} (self CPU time) ---")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows,
+                                        max_name_column_width=40))
+
+
+def speed(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    B, T = args.batch, args.seq
+    steps = args.warmup + args.rounds * args.per_round
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g) for _ in range(8)]
+    variants: dict[str, Step] = {
+        "trellis-engine": trellis_engine_step(cfg, B, total_steps=10 * steps + 10),
+        "trellis-plain": trellis_plain_step(cfg),
+        "hf-sdpa": hf_step(cfg, "sdpa"),
+    }
+    if not args.no_eager:
+        variants["hf-eager"] = hf_step(cfg, "eager")
+    print(f"speed: {len(variants)} variants x ({args.warmup} warm-up + {args.rounds} rounds x "
+          f"{args.per_round} steps), {B} x {T} = {B * T} tokens/step", flush=True)
+    res = run_interleaved(variants, data, args.warmup, args.rounds, args.per_round)
+    report_speed(res, B * T)
+    if args.profile:
+        profile(variants, data[0], args.profile_rows)
+
+
+# ---- memory ------------------------------------------------------------------------------
+def _tensors(obj, path: str, depth: int, seen: set[int]):
+    """(path, tensor) pairs reachable from a DeepSpeed/torch optimizer object's attributes."""
+    if isinstance(obj, torch.Tensor):
+        yield path, obj
+        if obj.grad is not None:
+            yield path + ".grad", obj.grad
+        return
+    if depth == 0 or id(obj) in seen or isinstance(obj, nn.Module):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        for k, v in list(obj.items()):
+            yield from _tensors(v, f"{path}[{k if isinstance(k, (str, int)) else '.'}]",
+                                depth - 1, seen)
+    elif isinstance(obj, (list, tuple, set)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}[{i}]", depth - 1, seen)
+    elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and hasattr(obj, "__dict__"):
+        for k, v in list(vars(obj).items()):
+            yield from _tensors(v, f"{path}.{k}", depth - 1, seen)
+
+
+def held_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds per category, each storage counted once (first category wins):
+    params (module data, ZeRO-3 ds_tensor partitions), optimizer state (exp_avg/exp_avg_sq),
+    fp32 master (the inner optimizer's params when not the module's), grads, other buffers."""
+    ds = engine._ds
+    opt = ds.optimizer
+    inner = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", None)
+    counted: dict[int, str] = {}
+    sizes: dict = {k: 0 for k in ("params", "grads", "master", "state", "other")}
+    sizes["biggest_other"] = ("", 0)
+
+    def add(cat: str, t: torch.Tensor | None, path: str = "") -> None:
+        if t is None or t.numel() == 0:
+            return
+        s = t.untyped_storage()
+        if s.nbytes() and s.data_ptr() not in counted:
+            counted[s.data_ptr()] = cat
+            sizes[cat] += s.nbytes()
+            if cat == "other" and s.nbytes() > sizes["biggest_other"][1]:
+                sizes["biggest_other"] = (path, s.nbytes())
+
+    params = list(engine.module.parameters())
+    for p in params:
+        add("params", p.data)
+        add("params", getattr(p, "ds_tensor", None))
+    for st in inner.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                add("state", v)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            add("master", p)
+    for p in params:
+        add("grads", p.grad)
+    for path, t in _tensors(opt, "opt", 6, set()):
+        add("grads" if "grad" in path.rsplit(".", 1)[-1].lower() or path.endswith(".grad")
+            else "other", t, path)
+    sizes["total"] = sizes["params"] + sizes["grads"] + sizes["master"] + sizes["state"]
+    return sizes
+
+
+def memory_worker(rank: int, world: int, port: int, cfg: ModelConfig, stages: list,
+                  queue) -> None:
+    """One rank: for each stage build a fresh engine, take a step, run the next micro-batch's
+    forward+backward (gradients live, optimizer state allocated), count, then step."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    import parallel.engine as pe
+    from parallel import dist
+    dist.init_distributed(rank, world, master_port=port, backend="gloo")
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randint(0, cfg.vocab_size, (2, 33), generator=g)  # (B, T+1), any size will do
+    plain_ds_config = pe.ds_config
+    for stage, persist in stages:
+        def patched(*a, **kw):  # the what-if row only: ZeRO-3 partitions small params too
+            out = plain_ds_config(*a, **kw)
+            if persist is not None:
+                out["zero_optimization"]["stage3_param_persistence_threshold"] = persist
+            return out
+        pe.ds_config = patched
+        par = ParallelConfig(num_workers=world, zero_stage=stage, micro_batch_size=2)
+        torch.manual_seed(0)
+        with pe.zero_init_context(par):
+            model = build_model(cfg)
+        engine = pe.Engine(model, OPT, par, total_steps=10)
+        for i in range(2):
+            engine.backward(token_cross_entropy(engine(x[:, :-1]), x[:, 1:]))
+            if i == 0:
+                engine.step()
+        sizes = held_bytes(engine)
+        engine.step()
+        queue.put((world, rank, stage, persist, sizes, engine.global_param_numel()))
+        del engine, model
+        gc.collect()
+    pe.ds_config = plain_ds_config
+    dist.barrier()
+    dist.destroy_distributed()
+
+
+def memory(args: argparse.Namespace, cfg: ModelConfig) -> None:
+    import torch.multiprocessing as mp
+    from parallel.dist import free_port
+    stages = [(0, None), (1, None), (2, None), (3, None), (3, 0)]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = []
+    t0 = time.perf_counter()
+    for world in (1, 2):  # both groups at once: independent ports, nothing timed here
+        port = free_port()
+        for rank in range(world):
+            p = ctx.Process(target=memory_worker, args=(rank, world, port, cfg, stages, queue))
+            p.start()
+            procs.append(p)
+    results = [queue.get(timeout=args.memory_timeout) for _ in range(len(stages) * 3)]
+    for p in procs:
+        p.join(timeout=60)
+        if p.exitcode != 0:
+            raise RuntimeError(f"memory worker {p.pid} exited with {p.exitcode}")
+    print(f"memory: {len(procs)} processes, {time.perf_counter() - t0:.1f} s; "
+          f"{results[0][5]:,} parameters (fp32)")
+    report_memory(results, stages)
+
+
+def report_memory(results: list, stages: list) -> None:
+    by = {(w, r, s, p): sizes for w, r, s, p, sizes, _ in results}
+    mib = 1 << 20
+    print(f"\nbytes per rank (MiB; world 2 = max over its 2 ranks): params + grads + fp32 master"
+          f" + optimizer state\n{'stage':12} {'world 1':>8} {'world 2':>8} {'ratio':>6}   "
+          f"world 2 rank 0: {'params':>7} {'grads':>7} {'master':>7} {'state':>7} | other")
+    for stage, persist in stages:
+        one = by[(1, 0, stage, persist)]
+        two = [by[(2, r, stage, persist)] for r in (0, 1)]
+        w2 = max(t["total"] for t in two)
+        label = f"ZeRO-{stage}" + (f" p={persist}" if persist is not None else "")
+        t = two[0]
+        print(f"{label:12} {one['total'] / mib:8.2f} {w2 / mib:8.2f} {w2 / one['total']:6.3f}"
+              f"   {'':16}{t['params'] / mib:7.2f} {t['grads'] / mib:7.2f} "
+              f"{t['master'] / mib:7.2f} {t['state'] / mib:7.2f} | {t['other'] / mib:.1f}")
+    for stage, persist in stages:
+        path, n = by[(2, 0, stage, persist)]["biggest_other"]
+        if n:
+            print(f"  ZeRO-{stage}{'' if persist is None else f' p={persist}'}: largest 'other'"
+                  f" tensor {path} {n / mib:.1f} MiB")
+    print("ratio = world 2 / world 1 per rank (goal: ZeRO-3 <= 0.55x). 'other' = further "
+          "tensors the ZeRO optimizer holds (communication buckets: torch.empty, so mostly "
+          "untouched pages), not in the totals. p=0: stage3_param_persistence_threshold=0 "
+          "(trellis uses DeepSpeed's default 1e5 elements).")
+
+
+# ---- main --------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="gpt-small-cpu")
+    ap.add_argument("--layers", type=int, default=0, help="override the preset's n_layer")
+    ap.add_argument("--d-model", type=int, default=0, help="override d_model (n_head = d/64)")
+    ap.add_argument("--vocab", type=int, default=2000)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--per-round", type=int, default=2)
+    ap.add_argument("--no-eager", action="store_true", help="skip hf-eager")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
+    ap.add_argument("--profile-rows", type=int, default=12)
+    ap.add_argument("--only", choices=["speed", "memory"])
+    ap.add_argument("--memory-timeout", type=float, default=300.0)
+    args = ap.parse_args(argv)
+    over = {"vocab_size": args.vocab, "max_seq_len": max(args.seq, 1), "dropout": 0.0}
+    if args.layers:
+        over["n_layer"] = args.layers
+    if args.d_model:
+        over.update(d_model=args.d_model, n_head=max(1, args.d_model // 64))
+    cfg = ModelConfig.from_preset(args.preset, **over)
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (interop "
+          f"{torch.get_num_interop_threads()}), load avg {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
+    print(f"model: {args.preset} n_layer={cfg.n_layer} d_model={cfg.d_model} n_head={cfg.n_head}"
+          f" vocab={cfg.vocab_size} seq={args.seq} batch={args.batch}; AdamW lr={OPT.lr} "
+          f"betas={OPT.betas} wd={OPT.weight_decay} clip={OPT.grad_clip}", flush=True)
+    t0 = time.perf_counter()
+    if args.only in (None, "speed"):
+        speed(args, cfg)
+    if args.only in (None, "memory"):
+        memory(args, cfg)
+    print(f"\nbench wall time {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Weights that move between stages: a run directory's checkpoint consolidated into trellis's
+own weight files (model/io.py), or a local Hugging Face directory, materialised once per job
+into RUN_DIR/<name> so every worker loads the same files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from launcher.config import ConfigError
+from model.io import META, is_module_dir, save_module
+
+RUN_MODEL = "run_model.json"  # written by every training job: {model, head, engine}
+
+
+def write_run_model(run_dir: Path, model_cfg: dict, head: str, engine: str = "model") -> None:
+    (run_dir / RUN_MODEL).write_text(json.dumps({"model": model_cfg, "head": head,
+                                                 "engine": engine}, indent=2) + "\n")
+
+
+def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
+    """A training run's checkpoint (latest complete, or `step`) -> trellis weight files."""
+    from launcher.export import find_checkpoint
+    from model.build import build_model
+    from model.config import ModelConfig
+    from parallel.engine import Engine
+
+    run_dir = Path(run_dir)
+    meta_file = run_dir / RUN_MODEL
+    if not meta_file.is_file():
+        raise ConfigError(f"'{run_dir}' is not a trellis run directory (no {RUN_MODEL})")
+    meta = json.loads(meta_file.read_text())
+    cfg = ModelConfig(**meta["model"])
+    state = Engine.consolidate(find_checkpoint(run_dir, step) / meta["engine"])
+    module = build_model(cfg, meta["head"])
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight", "head.decoder.weight", "trunk.lm_head.weight"}
+    if [k for k in missing if k not in tied] or unexpected:
+        raise ValueError(f"checkpoint of '{run_dir}' does not match its {RUN_MODEL}: "
+                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    extra = {"source": str(run_dir)}
+    tok = run_dir / "tokenizer.model"
+    out = save_module(module, cfg, meta["head"], out_dir, extra)
+    if tok.is_file():
+        (Path(out) / "tokenizer.model").write_bytes(tok.read_bytes())
+    return out
+
+
+def materialize(source: str | Path, dest: str | Path) -> Path:
+    """`source` = a trellis weight dir, a run dir, or a local HF GPT-2/BERT dir -> trellis
+    weight files at `dest` (reused when already there)."""
+    source, dest = Path(source), Path(dest)
+    if is_module_dir(dest):
+        return dest
+    if is_module_dir(source):
+        return source
+    if (source / RUN_MODEL).is_file():
+        return consolidate_run(source, dest)
+    if (source / "config.json").is_file():
+        from model.hf import load_hf_pretrained
+        module, cfg = load_hf_pretrained(source)
+        head = "lm" if cfg.arch == "gpt" else "mlm"
+        out = save_module(module, cfg, head, dest, {"source": str(source)})
+        tok = source / "tokenizer.model"
+        if tok.is_file():
+            (out / "tokenizer.model").write_bytes(tok.read_bytes())
+        return out
+    raise ConfigError(f"'{source}' is neither a trellis run directory, trellis weights "
+                      f"({META}) nor a Hugging Face model directory (config.json)")
