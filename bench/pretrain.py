@@ -5,16 +5,16 @@
                      world 1 in-process)
      trellis-plain   the same GPT with torch.optim.AdamW + clip_grad_norm_ (no DeepSpeed)
      hf-sdpa/eager   transformers GPT2LMHeadModel (forward with labels) + torch AdamW + clip
-   Same random token batches; warm-up steps, then interleaved rounds (the variants take turns,
-   so load from other users of the machine hits all of them alike) and medians. Wall-clock and
-   CPU-time (process) tokens/s, the median fwd/bwd/optimizer split, and trellis/HF ratios.
+   Same random token batches; warm-up steps, then interleaved cycles (one step of each variant
+   per cycle, so load from other users of the machine hits them alike). Tokens/s from the median
+   and the best step, CPU-time tokens/s, the fwd/bwd/optimizer split, and trellis/HF ratios.
    Goal: trellis-engine >= 1.1x hf-sdpa on CPU. --profile adds torch.profiler op tables.
 2. Memory: bytes of parameters + gradients + optimizer state (fp32 master + exp_avg/exp_avg_sq)
    each rank holds, for ZeRO-0..3 at world size 1 and 2 (processes via torch.multiprocessing,
    gloo on loopback), counted from the live engines' tensors (unique storages). Goal: ZeRO-3
    <= 0.55x. A what-if row shows ZeRO-3 with stage3_param_persistence_threshold=0.
 
-    python bench/pretrain.py [--preset gpt-small-cpu] [--threads 2] [--rounds 4] [--only speed]
+    python bench/pretrain.py [--preset gpt-small-cpu] [--threads 2] [--cycles 6] [--eager] [--only speed]
 """
 from __future__ import annotations
 
@@ -119,25 +119,23 @@ def hf_step(cfg: ModelConfig, attn: str) -> Step:
 
 # ---- timing ------------------------------------------------------------------------------
 def run_interleaved(variants: dict[str, Step], data: list[torch.Tensor], warmup: int,
-                    rounds: int, per_round: int) -> dict[str, list[dict[str, float]]]:
-    """Each round runs `per_round` steps of every variant, the order rotating by round."""
+                    cycles: int) -> dict[str, list[dict[str, float]]]:
+    """Each cycle runs one step of every variant, the order rotating by cycle, so a burst of
+    load from other processes lands on neighbouring steps of different variants alike."""
     names = list(variants)
     for name in names:
         for i in range(warmup):
             variants[name](data[i % len(data)])
     out: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    k = 0
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            for _ in range(per_round):
-                c0 = time.process_time()
-                rec = variants[name](data[k % len(data)])
-                rec["cpu"] = time.process_time() - c0
-                rec["wall"] = rec["fwd"] + rec["bwd"] + rec["opt"]
-                rec["round"] = r
-                out[name].append(rec)
-                k += 1
-        print(f"  round {r + 1}/{rounds} done", flush=True)
+    for c in range(cycles):
+        for name in names[c % len(names):] + names[:c % len(names)]:
+            c0 = time.process_time()
+            rec = variants[name](data[c % len(data)])
+            rec["cpu"] = time.process_time() - c0
+            rec["wall"] = rec["fwd"] + rec["bwd"] + rec["opt"]
+            out[name].append(rec)
+        print(f"  cycle {c + 1}/{cycles}: " + ", ".join(
+            f"{n} {out[n][-1]['wall']:.2f}s" for n in names), flush=True)
     return out
 
 
@@ -146,27 +144,25 @@ def med(recs: list[dict[str, float]], key: str) -> float:
 
 
 def report_speed(res: dict[str, list[dict[str, float]]], tokens: int) -> None:
-    print(f"\n{'variant':16} {'tok/s wall':>11} {'tok/CPU-s':>10} {'step s':>7} {'min s':>7}"
-          f" {'fwd ms':>8} {'bwd ms':>8} {'opt ms':>7}")
+    print(f"\n{'variant':16} {'tok/s':>7} {'tok/s':>7} {'tok/CPU-s':>9} {'fwd ms':>8}"
+          f" {'bwd ms':>8} {'opt ms':>7}\n{'':16} {'median':>7} {'best':>7} {'median':>9}"
+          f" {'median':>8} {'median':>8} {'median':>7}")
     for name, recs in res.items():
-        w = med(recs, "wall")
-        print(f"{name:16} {tokens / w:11,.0f} {tokens / med(recs, 'cpu'):10,.0f} {w:7.3f}"
-              f" {min(r['wall'] for r in recs):7.3f} {1e3 * med(recs, 'fwd'):8.1f}"
-              f" {1e3 * med(recs, 'bwd'):8.1f} {1e3 * med(recs, 'opt'):7.1f}")
-    print()
-    pairs = [(a, b) for a in ("trellis-engine", "trellis-plain") for b in res
-             if b.startswith("hf-") and a in res] + [("trellis-engine", "trellis-plain")]
-    for a, b in pairs:
+        print(f"{name:16} {tokens / med(recs, 'wall'):7,.0f}"
+              f" {tokens / min(r['wall'] for r in recs):7,.0f} {tokens / med(recs, 'cpu'):9,.0f}"
+              f" {1e3 * med(recs, 'fwd'):8.1f} {1e3 * med(recs, 'bwd'):8.1f}"
+              f" {1e3 * med(recs, 'opt'):7.1f}")
+    print("\nratios of tokens/s: median of per-cycle ratios [quartiles], ratio of best steps, "
+          "ratio of median CPU time")
+    pairs = [(a, b) for a in ("trellis-engine", "trellis-plain") for b in res if b.startswith("hf-")]
+    for a, b in pairs + [("trellis-engine", "trellis-plain")]:
         if a not in res or b not in res:
             continue
-        per_round = []
-        for r in sorted({x["round"] for x in res[a]}):
-            wa = statistics.median(x["wall"] for x in res[a] if x["round"] == r)
-            wb = statistics.median(x["wall"] for x in res[b] if x["round"] == r)
-            per_round.append(wb / wa)
-        print(f"tokens/s {a} / {b}: {med(res[b], 'wall') / med(res[a], 'wall'):.3f}x wall, "
-              f"{med(res[b], 'cpu') / med(res[a], 'cpu'):.3f}x CPU-time; per round "
-              f"{min(per_round):.3f}..{max(per_round):.3f}")
+        paired = sorted(rb["wall"] / ra["wall"] for ra, rb in zip(res[a], res[b]))
+        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+        best = min(r["wall"] for r in res[b]) / min(r["wall"] for r in res[a])
+        print(f"  {a:>14} / {b:<14} {q[1]:.3f}x [{q[0]:.3f}..{q[2]:.3f}]  best {best:.3f}x  "
+              f"CPU {med(res[b], 'cpu') / med(res[a], 'cpu'):.3f}x")
 
 
 def profile(variants: dict[str, Step], x: torch.Tensor, rows: int) -> None:
@@ -181,7 +177,7 @@ def profile(variants: dict[str, Step], x: torch.Tensor, rows: int) -> None:
 
 def speed(args: argparse.Namespace, cfg: ModelConfig) -> None:
     B, T = args.batch, args.seq
-    steps = args.warmup + args.rounds * args.per_round
+    steps = args.warmup + args.cycles
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, cfg.vocab_size, (B, T + 1), generator=g) for _ in range(8)]
     variants: dict[str, Step] = {
@@ -189,11 +185,11 @@ def speed(args: argparse.Namespace, cfg: ModelConfig) -> None:
         "trellis-plain": trellis_plain_step(cfg),
         "hf-sdpa": hf_step(cfg, "sdpa"),
     }
-    if not args.no_eager:
+    if args.eager:
         variants["hf-eager"] = hf_step(cfg, "eager")
-    print(f"speed: {len(variants)} variants x ({args.warmup} warm-up + {args.rounds} rounds x "
-          f"{args.per_round} steps), {B} x {T} = {B * T} tokens/step", flush=True)
-    res = run_interleaved(variants, data, args.warmup, args.rounds, args.per_round)
+    print(f"speed: {len(variants)} variants x ({args.warmup} warm-up + {args.cycles} interleaved "
+          f"steps), {B} x {T} = {B * T} tokens/step", flush=True)
+    res = run_interleaved(variants, data, args.warmup, args.cycles)
     report_speed(res, B * T)
     if args.profile:
         profile(variants, data[0], args.profile_rows)
@@ -361,10 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--per-round", type=int, default=2)
-    ap.add_argument("--no-eager", action="store_true", help="skip hf-eager")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
+    ap.add_argument("--cycles", type=int, default=6, help="timed steps per variant")
+    ap.add_argument("--eager", action="store_true", help="also HF with eager attention")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
     ap.add_argument("--profile-rows", type=int, default=12)
     ap.add_argument("--only", choices=["speed", "memory"])

@@ -12,6 +12,8 @@ from launcher.config import ConfigError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("launcher.ingest", "tokenize raw text/JSONL/Parquet into Arrow shards + manifest"),
     "pretrain": ("launcher.pretrain", "pretrain a GPT (clm), BERT (mlm) or distilled student"),
+    "sft": ("launcher.finetune", "supervised fine-tuning on demonstrations (prompt + answer)"),
+    "rm": ("launcher.finetune", "train a reward model on ranked comparisons"),
     "export": ("launcher.export", "export a checkpoint as Hugging Face safetensors + config.json"),
     "cluster": ("launcher.cluster_cmd", "start/stop/show a local Ray head (loopback, token auth)"),
     "submit": ("launcher.jobs", "submit a job config to a Ray cluster (Ray Jobs API)"),

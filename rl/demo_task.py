@@ -115,13 +115,15 @@ def make_prompts(n: int, seed: int | random.Random, split: Literal["train", "eva
     rng = _rng(seed, f"prompts/{split}")
     out: list[str] = []
     seen = set(exclude)
-    for _ in range(200 * n + 1000):
-        if len(out) == n:
-            return out
+    misses, patience = 0, 20_000  # that many misses in a row: the space is (nearly) exhausted
+    while len(out) < n and misses < patience:
         p = _random_prompt(cfg, rng)
         if p not in seen and split_of(p, cfg.eval_fraction) == split:
             seen.add(p)
             out.append(p)
+            misses = 0
+        else:
+            misses += 1
     if len(out) == n:
         return out
     raise ValueError(f"found only {len(out)} of {n} distinct {split} prompts for task "

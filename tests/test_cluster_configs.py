@@ -16,10 +16,12 @@ import yaml
 from cluster.head import DEFAULT_TEMP_DIR
 from cluster.metrics import MetricsConfig, MetricsLogger
 from launcher.cli import SUBCOMMANDS, build_parser
+from launcher.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster" / "configs"
 SEPARATORS = {";", "&&", "||", "|", "&"}
+JOB_CONFIGS = {"pretrain": "launcher.job_config:PretrainJobConfig"}  # job -> its config class
 
 
 def load(name: str):
@@ -83,11 +85,11 @@ def check_trellis_command(argv: list[str], monkeypatch) -> None:
         assert e.code == 0, f"trellis rejects its arguments: {shlex.join(argv)}"
         return  # --help
     if getattr(args, "config", None):
-        monkeypatch.chdir(ROOT)  # the working dir a submitted job runs in
         assert (ROOT / args.config).is_file(), f"{args.config} is not in the project"
-        module = importlib.import_module(SUBCOMMANDS[argv[1]][0])
-        if hasattr(module, "resolve_config"):
-            module.resolve_config(args)  # raises ConfigError on an unknown key or bad value
+        if argv[1] in JOB_CONFIGS:  # raises ConfigError on an unknown key or a bad value
+            module, cls = JOB_CONFIGS[argv[1]].split(":")
+            load_config(getattr(importlib.import_module(module), cls), ROOT / args.config,
+                        args.overrides)
 
 
 @pytest.mark.parametrize("name", ["autoscaler.yaml", "rayjob.yaml", "raycluster.yaml"])

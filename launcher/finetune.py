@@ -1,0 +1,112 @@
+"""`trellis sft` and `trellis rm`: fine-tuning drivers on the shared training loop.
+
+sft: supervised fine-tuning on demonstrations (prompt + accepted answer), loss on response
+     tokens only, from a pretrain run (or trellis / local HF GPT-2 weights).
+rm:  a reward model: the SFT trunk with a score head, trained on rankings; afterwards the
+     head is normalised so the demonstrations score 0 on average (InstructGPT).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from launcher.cli import add_job_arguments
+from launcher.config import ConfigError, dump_yaml
+from launcher.finetune_config import RMJobConfig, SFTJobConfig
+from launcher.pretrain import add_run_arguments, cpu_defaults, print_result, resolve_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_job_arguments(p)
+    add_run_arguments(p)
+
+
+def prepare_rows(source: str, kind: str, tokenizer: Any, dest: Path) -> Path:
+    """An ingested folder as is, or files ingested (once) into `dest` with `tokenizer`."""
+    from data_pipeline.shards import MANIFEST_NAME
+    from data_pipeline.structured import ingest_structured
+
+    src = Path(source)
+    if (src / MANIFEST_NAME).is_file():
+        return src
+    if not src.exists() and not any(ch in source for ch in "*?["):
+        raise ConfigError(f"{kind} data '{source}' does not exist")
+    ingest_structured(kind, [source], tokenizer, dest)
+    return dest
+
+
+def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, Any]]:
+    from data_pipeline.row_stream import split_rows
+    from data_pipeline.structured import StructuredDataset
+    from data_pipeline.tokenizer import Tokenizer
+    from launcher.run_model import materialize, write_run_model
+    from model.io import read_meta
+
+    cpu_defaults()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init = materialize(cfg.init_from, run_dir / "init")
+    tok_file = init / "tokenizer.model"
+    if not tok_file.is_file():
+        raise ConfigError(f"config key 'init_from': '{cfg.init_from}' comes without a "
+                          f"SentencePiece tokenizer.model; trellis needs the tokenizer it was "
+                          f"trained with")
+    tok = Tokenizer(tok_file)
+    (run_dir / "tokenizer.model").write_bytes(tok_file.read_bytes())
+    train = prepare_rows(cfg.data.train, kind, tok, run_dir / "data" / "train")
+    val = prepare_rows(cfg.data.val, kind, tok, run_dir / "data" / "val") if cfg.data.val else None
+    train_rows = val_rows = None
+    if val is None:
+        train_rows, val_rows = split_rows(len(StructuredDataset(train, tok.sha256)),
+                                          cfg.data.val_fraction, cfg.data.seed)
+    else:
+        StructuredDataset(val, tok.sha256)  # fail now on a mismatched tokenizer
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    write_run_model(run_dir, read_meta(init)["model"], head)
+    return run_dir, {"cfg": dataclasses.asdict(cfg), "init_dir": str(init),
+                     "train_dir": str(train), "val_dir": str(val) if val else None,
+                     "train_rows": train_rows, "val_rows": val_rows, "run_dir": str(run_dir)}
+
+
+def sft(cfg: SFTJobConfig, local: bool = False, address: str | None = None) -> dict[str, Any]:
+    from launcher.train_loop import LoopSpec, train_with_recovery
+
+    run_dir, kwargs = _prepare(cfg, "demonstrations", "lm")
+    spec = LoopSpec(role="sft", worker="launcher.finetune_worker:SFTWorker", worker_kwargs=kwargs)
+    return train_with_recovery(cfg, spec, run_dir, local=local, address=address)
+
+
+def rm(cfg: RMJobConfig, local: bool = False, address: str | None = None) -> dict[str, Any]:
+    from launcher.train_loop import LoopSpec, train_with_recovery
+
+    run_dir, kwargs = _prepare(cfg, "comparisons", "score")
+    normalize_dir = None
+    if cfg.normalize_on:
+        from data_pipeline.tokenizer import Tokenizer
+        normalize_dir = prepare_rows(cfg.normalize_on, "demonstrations",
+                                     Tokenizer(run_dir / "tokenizer.model"),
+                                     run_dir / "data" / "normalize")
+
+    def finish(group: Any) -> dict[str, Any]:
+        if normalize_dir is None:
+            return {}
+        stats = group.call("normalize", str(normalize_dir))[0]
+        group.call("save", cfg.train.steps)  # the normalised head is what later stages load
+        print(f"rm: demonstrations scored mean {stats['mean']:.4f} std {stats['std']:.4f}; "
+              f"the head now maps them to mean 0, std 1", flush=True)
+        return {"norm_mean": stats["mean"], "norm_std": stats["std"]}
+
+    spec = LoopSpec(role="rm", worker="launcher.finetune_worker:RMWorker", worker_kwargs=kwargs,
+                    finish=finish)
+    return train_with_recovery(cfg, spec, run_dir, local=local, address=address)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "sft":
+        result = sft(resolve_config(SFTJobConfig, args), args.local, args.address)
+    else:
+        result = rm(resolve_config(RMJobConfig, args), args.local, args.address)
+    print_result(result)
+    return 0

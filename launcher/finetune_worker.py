@@ -1,0 +1,135 @@
+"""Ranks of the fine-tuning jobs: SFTWorker (loss on response tokens only) and RMWorker
+(pairwise ranking loss on a score head; every pair of a prompt's ranking in one batch
+element, as InstructGPT does)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from data_pipeline.collate import PairCollator, SFTCollator
+from data_pipeline.row_stream import RowStream
+from data_pipeline.structured import StructuredDataset
+from launcher.config import from_dict
+from launcher.engine_worker import EngineWorker
+from launcher.finetune_config import RMJobConfig, SFTJobConfig
+from model.io import load_module
+from model.losses import token_cross_entropy
+from parallel import dist
+from parallel.rng import seed_all
+from rl.rm_loss import pairs_from_collator, pairwise_rm_loss
+
+
+class _RowWorker(EngineWorker):
+    """Shared set-up: initial weights, the row streams (train / val rows of the tables)."""
+    head = "lm"
+    config_cls: type = SFTJobConfig
+
+    def __init__(self, rank: int, world_size: int, cfg: dict, init_dir: str, train_dir: str,
+                 val_dir: str | None, train_rows: list[int] | None, val_rows: list[int] | None,
+                 run_dir: str):
+        c = from_dict(self.config_cls, cfg)
+        seed_all(c.seed)
+        model, self.model_cfg, _ = load_module(init_dir, head=self.head)
+        self._setup(rank, world_size, c, run_dir, model, c.data.max_len)
+        self.train_ds = StructuredDataset(train_dir)
+        self.val_ds = StructuredDataset(val_dir) if val_dir else self.train_ds
+        self.val_rows = val_rows
+        self.stream = RowStream(self.train_ds, self.plan.micro_batch, rank, world_size,
+                                c.data.seed, rows=train_rows)
+        self._it = iter(self.stream)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.collate(next(self._it))
+
+    def data_state(self) -> dict[str, Any]:
+        return self.stream.state_dict()
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.stream.load_state_dict(state)
+        self._it = iter(self.stream)
+
+    def _val_batches(self):
+        if self.val_rows is not None and not self.val_rows:
+            return []
+        stream = RowStream(self.val_ds, self.plan.micro_batch, self.rank, self.world,
+                           seed=0, shuffle=False, infinite=False, rows=self.val_rows)
+        return [self.collate(rows) for _, rows in zip(range(self.cfg.train.eval_batches), stream)]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        batches = self._val_batches()
+        for batch in batches:
+            _, stats = self.loss(batch)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v / len(batches)
+        return {k: dist.all_reduce_mean(v) for k, v in sums.items()}
+
+
+class SFTWorker(_RowWorker):
+    head, config_cls = "lm", SFTJobConfig
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        d = self.cfg.data
+        return SFTCollator(max_len=d.max_len, max_prompt_len=d.max_prompt_len)(rows)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        dev = self.engine.device
+        logits = self.engine.forward(batch["input_ids"].to(dev),
+                                     attention_mask=batch["attention_mask"].to(dev))
+        loss = token_cross_entropy(logits, batch["labels"].to(dev))  # response tokens only
+        return loss, {"loss": loss.item()}
+
+    @staticmethod
+    def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"] != -100).sum())
+
+
+class RMWorker(_RowWorker):
+    head, config_cls = "score", RMJobConfig
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        d = self.cfg.data
+        return PairCollator(max_len=d.max_len, max_prompt_len=d.max_prompt_len)(rows)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        dev = self.engine.device
+        scores = self.engine.forward(batch["input_ids"].to(dev),
+                                     attention_mask=batch["attention_mask"].to(dev))  # (N,)
+        pairs, group = pairs_from_collator(batch)
+        loss, acc = pairwise_rm_loss(scores, pairs.to(dev), group.to(dev), self.cfg.weighting)
+        stats = {"loss": loss.item()}
+        if not math.isnan(acc):
+            stats["accuracy"] = acc
+        return loss, stats
+
+    @torch.no_grad()
+    def normalize(self, demo_dir: str, max_rows: int = 512) -> dict[str, float]:
+        """Score demonstrations (prompt + accepted response) and set the head's normalisation
+        so they score 0 on average with unit spread; returns the raw mean and std."""
+        ds = StructuredDataset(demo_dir)
+        n, mb = min(len(ds), max_rows), self.plan.micro_batch
+        rows = ds.rows(list(range(self.rank, n, self.world)))
+        d = self.cfg.data
+        collate = SFTCollator(max_len=d.max_len, max_prompt_len=d.max_prompt_len)
+        module = self.engine.module
+        module.norm_mean.fill_(0.0), module.norm_std.fill_(1.0)
+        self.engine.eval()
+        total = torch.zeros(3, dtype=torch.float64)  # sum, sum of squares, count
+        # The same number of forwards on every rank (ZeRO-3 gathers are collective).
+        for i in range(math.ceil(math.ceil(n / self.world) / mb)):
+            chunk = rows[i * mb:(i + 1) * mb]
+            b = collate(chunk or ds.rows([0]))
+            s = self.engine.forward(b["input_ids"].to(self.engine.device),
+                                    attention_mask=b["attention_mask"].to(self.engine.device))
+            s = s.double().cpu()[:len(chunk)]
+            total += torch.stack([s.sum(), (s * s).sum(), torch.tensor(float(s.numel()))])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        mean = float(total[0] / total[2])
+        std = math.sqrt(max(float(total[1] / total[2]) - mean * mean, 1e-12))
+        module.set_normalization(mean, std)
+        return {"mean": mean, "std": std}
