@@ -146,3 +146,38 @@ def concat(batches: list[RolloutBatch]) -> RolloutBatch:
                            for f in dataclasses.fields(RolloutBatch)})
 
 
+
+
+def tensors_to_arrow(tensors: dict[str, torch.Tensor]) -> pa.RecordBatch:
+    """Any named (B,) or (B, W) int64/float32/bool tensors -> one record batch sharing their
+    memory: the partial results PPO's worker groups send the driver (log-probs, values,
+    scores) travel through the Ray object store as flat Arrow buffers, not pickles."""
+    cols, fields = [], []
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        meta = {b"torch_dtype": str(t.dtype).encode()}
+        if t.dim() == 2:
+            col = _column(t, t.shape[1])
+        elif t.dim() == 1:
+            col = _column(t[:, None], 1).flatten()
+        else:
+            raise ValueError(f"tensor '{name}' must be (B,) or (B, W), got {tuple(t.shape)}")
+        cols.append(col)
+        fields.append(pa.field(name, col.type, metadata=meta))
+    return pa.record_batch(cols, schema=pa.schema(fields))
+
+
+def arrow_to_tensors(rb: pa.RecordBatch) -> dict[str, torch.Tensor]:
+    """Inverse of tensors_to_arrow (views of the Arrow buffers: read-only)."""
+    out = {}
+    for field in rb.schema:
+        dtype = getattr(torch, field.metadata[b"torch_dtype"].decode().removeprefix("torch."))
+        col = rb.column(field.name)
+        if pa.types.is_fixed_size_list(field.type):
+            out[field.name] = _tensor(col, dtype)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(col.to_numpy(zero_copy_only=True))
+            out[field.name] = t.view(torch.bool) if dtype == torch.bool else t
+    return out

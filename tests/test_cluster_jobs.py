@@ -166,7 +166,7 @@ def test_good_job_succeeds_and_logs_final_loss(head, jobs):
     assert rows[0].startswith("step,time,loss")
     last = dict(zip(rows[0].split(","), rows[-1].split(",")))
     assert last["step"] == "20" and abs(float(last["loss"]) - final) < 1e-4
-    assert re.search(r"pretrain: 100%.*20/20.*step/s", logs)  # the progress bar, as lines
+    assert re.search(r": 100%.*20/20.*step/s", logs)  # the progress bar, as lines
     listed = trellis("jobs", "list", *head["addr"]).stdout
     assert re.search(rf"{jobs['good_id']}\s+SUCCEEDED", listed)
     assert re.search(rf"{jobs['bad_id']}\s+FAILED", listed)

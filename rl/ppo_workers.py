@@ -1,0 +1,227 @@
+"""The four PPO roles, one class per WorkerGroup rank (the Ray integration point of rl/):
+
+  ActorWorker      policy (from SFT), trains: samples rollouts, PPO clipped loss (+ ptx)
+  CriticWorker     value model (from the RM), trains: values, clipped value loss
+  ReferenceWorker  frozen SFT policy (ZeRO-3 inference): reference log-probs
+  RewardWorker     frozen reward model (ZeRO-3 inference): scores
+
+Inputs and outputs are Arrow record batches (data_pipeline.rollout.tensors_to_arrow), so
+what crosses the Ray object store is flat buffers. The driver (rl/ppo_trainer.py) decides
+which rows each rank gets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow
+from model.generate import GenerationConfig, generate
+from model.io import load_module
+from parallel import checkpoint, dist
+from parallel.batch import BatchPlan
+from parallel.config import OptimConfig, ParallelConfig
+from parallel.engine import Engine
+from parallel.rng import seed_all
+from rl.experience import Experience
+from rl.ppo_config import PPOConfig
+from rl.ppo_math import (entropy_from_logits, masked_mean, policy_loss, ptx_loss,
+                         token_logprobs, value_loss)
+
+
+def _generator(*keys: int) -> torch.Generator:
+    import numpy as np
+    s = np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
+
+
+def _sequences(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ids (B, P+R), mask (B, P+R), P) from prompt/response tensors."""
+    ids = torch.cat([t["prompt_ids"], t["response_ids"]], dim=1)
+    mask = torch.cat([t["prompt_mask"].long(), t["response_mask"].long()], dim=1)
+    return ids, mask, t["prompt_ids"].shape[1]
+
+
+class _RoleWorker:
+    """One rank of a role: the engine over its model, plus what every role answers."""
+    head = "lm"
+    engine_name = "model"
+
+    def __init__(self, rank: int, world_size: int, init_dir: str, ppo: dict, par: dict,
+                 optim: dict | None, total_steps: int, rows_per_rank: int, run_dir: str,
+                 seed: int = 0):
+        self.rank, self.world, self.run_dir = rank, world_size, Path(run_dir)
+        self.ppo = PPOConfig(**ppo)
+        self.seed = seed
+        seed_all(seed)
+        model, self.model_cfg, self.meta = load_module(init_dir, head=self.head)
+        par_cfg = ParallelConfig(**par)
+        trainable = optim is not None
+        if trainable:  # one optimizer step per minibatch
+            mb = rows_per_rank // self.ppo.minibatches
+            par_cfg = dataclasses.replace(par_cfg, micro_batch_size=max(1, mb), grad_accum=1)
+        self.plan = BatchPlan.from_config(par_cfg, self.model_cfg.max_seq_len, world_size)
+        self.engine = Engine(model, OptimConfig(**optim) if trainable else None, par_cfg,
+                             total_steps=total_steps, trainable=trainable, plan=self.plan)
+        self.device = self.engine.device
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.engine.forward(ids.to(self.device), attention_mask=mask.to(self.device))
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "zero_stage": self.engine.zero_stage,
+                "local_params": self.engine.local_param_numel(),
+                "global_params": self.engine.global_param_numel(),
+                "trainable": self.engine.trainable, "device": str(self.device)}
+
+    # Checkpoints of the trainable roles, each in its own run dir (RUN_DIR/<role>).
+    def save(self, step: int, keep_last: int) -> str:
+        return str(checkpoint.save_checkpoint(self.run_dir, step, {self.engine_name: self.engine},
+                                              {"step": step}, keep_last=keep_last))
+
+    def resume(self, path: str) -> int:
+        return checkpoint.load_checkpoint(path, {self.engine_name: self.engine}).step
+
+
+class ActorWorker(_RoleWorker):
+    head = "lm"
+
+    def __init__(self, *args: Any, ptx_dir: str | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.ptx = None
+        if self.ppo.ptx_coef > 0:
+            from data_pipeline.config import DataConfig
+            from data_pipeline.stream import TokenStream
+            seq = min(self.model_cfg.max_seq_len, 128)
+            self.ptx_stream = TokenStream(ptx_dir, DataConfig(seq_len=seq, seed=self.seed),
+                                          rank=self.rank, world_size=self.world)
+            self.ptx = self.ptx_stream.iter_batches(self.plan.micro_batch)
+
+    def _gen_cfg(self, greedy: bool) -> GenerationConfig:
+        p = self.ppo
+        return GenerationConfig(max_new_tokens=p.max_new_tokens, do_sample=not greedy,
+                                temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+                                stop_early=self.world == 1 or self.engine.zero_stage < 3)
+
+    @torch.no_grad()
+    def generate(self, prompts: pa.RecordBatch, iteration: int, greedy: bool = False
+                 ) -> pa.RecordBatch:
+        """Sample one response per prompt; old log-probs recomputed by a full forward (the
+        same computation training uses, at the sampling temperature)."""
+        t = arrow_to_tensors(prompts)
+        ids, mask = t["prompt_ids"].to(self.device), t["prompt_mask"].to(self.device)
+        self.engine.eval()
+        g = None if greedy else _generator(self.seed, iteration, self.rank)
+        gen = generate(self.engine.module, ids, mask.long(), self._gen_cfg(greedy), generator=g)
+        R = self.ppo.max_new_tokens
+        resp = torch.zeros(ids.shape[0], R, dtype=torch.long)
+        rmask = torch.zeros(ids.shape[0], R, dtype=torch.bool)
+        resp[:, :gen.tokens.shape[1]] = gen.tokens.cpu()
+        rmask[:, :gen.mask.shape[1]] = gen.mask.bool().cpu()
+        out = {"prompt_ids": t["prompt_ids"], "prompt_mask": t["prompt_mask"].bool(),
+               "response_ids": resp, "response_mask": rmask}
+        out["logprobs"] = self._logprobs(out)[0] if not greedy else torch.zeros(resp.shape)
+        return tensors_to_arrow(out)
+
+    def _logprobs(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log pi(a_t) (B, R), logits (B, R, V)) at the rollout temperature."""
+        ids, mask, P = _sequences(t)
+        R = t["response_ids"].shape[1]
+        logits = self._forward(ids, mask)[:, P - 1:P - 1 + R].float() / self.ppo.temperature
+        return token_logprobs(logits, t["response_ids"].to(self.device)).cpu(), logits
+
+    def train(self, exp_rb: pa.RecordBatch, iteration: int) -> dict[str, float]:
+        exp = Experience.from_arrow(exp_rb)
+        self.engine.train()
+        stats: dict[str, float] = {}
+        n = 0
+        for epoch in range(self.ppo.ppo_epochs):
+            order = torch.randperm(exp.batch_size, generator=_generator(self.seed, iteration, epoch, self.rank))
+            for mb in exp.select(order).split(self.ppo.minibatches):
+                mb = mb.to(self.device)
+                t = {"prompt_ids": mb.prompt_ids, "prompt_mask": mb.prompt_mask,
+                     "response_ids": mb.response_ids, "response_mask": mb.response_mask}
+                logp, logits = self._logprobs(t)
+                loss, s = policy_loss(logp.to(self.device) if logp.device != self.device else logp,
+                                      mb.logprobs, mb.advantages, mb.response_mask,
+                                      self.ppo.clip_eps)
+                s["entropy"] = float(masked_mean(entropy_from_logits(logits.detach()),
+                                                 mb.response_mask))
+                if self.ptx is not None:
+                    lm = self._ptx_loss()
+                    loss = loss + ptx_loss(lm, self.ppo.ptx_coef)
+                    s["ptx_loss"] = float(lm)
+                self.engine.backward(loss)
+                s |= {k: v for k, v in self.engine.step().items() if k in ("grad_norm", "lr")}
+                for k, v in s.items():
+                    stats[k] = stats.get(k, 0.0) + v
+                n += 1
+        return {f"actor/{k}": dist.all_reduce_mean(v / n) for k, v in stats.items()}
+
+    def _ptx_loss(self) -> torch.Tensor:
+        from data_pipeline.collate import clm_collate
+        from model.losses import token_cross_entropy
+        b = clm_collate(next(self.ptx))
+        logits = self._forward(b["input_ids"], b["attention_mask"])
+        return token_cross_entropy(logits, b["labels"].to(self.device))
+
+
+class ReferenceWorker(_RoleWorker):
+    head = "lm"
+
+    @torch.no_grad()
+    def logprobs(self, seq: pa.RecordBatch, temperature: float) -> pa.RecordBatch:
+        t = arrow_to_tensors(seq)
+        ids, mask, P = _sequences(t)
+        R = t["response_ids"].shape[1]
+        logits = self._forward(ids, mask)[:, P - 1:P - 1 + R].float() / temperature
+        return tensors_to_arrow({"ref_logprobs": token_logprobs(logits, t["response_ids"].to(self.device)).cpu()})
+
+
+class RewardWorker(_RoleWorker):
+    head = "score"
+
+    @torch.no_grad()
+    def scores(self, seq: pa.RecordBatch) -> pa.RecordBatch:
+        t = arrow_to_tensors(seq)
+        ids, mask, _ = _sequences(t)
+        return tensors_to_arrow({"scores": self._forward(ids, mask).float().cpu()})
+
+
+class CriticWorker(_RoleWorker):
+    head = "value"
+
+    def _values(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        ids, mask, P = _sequences(t)
+        R = t["response_ids"].shape[1]
+        return self._forward(ids, mask)[:, P - 1:P - 1 + R].float()  # V(s_t) before action t
+
+    @torch.no_grad()
+    def values(self, seq: pa.RecordBatch) -> pa.RecordBatch:
+        self.engine.eval()
+        return tensors_to_arrow({"values": self._values(arrow_to_tensors(seq)).cpu()})
+
+    def train(self, exp_rb: pa.RecordBatch, iteration: int) -> dict[str, float]:
+        exp = Experience.from_arrow(exp_rb)
+        self.engine.train()
+        stats: dict[str, float] = {}
+        n = 0
+        for epoch in range(self.ppo.ppo_epochs):
+            order = torch.randperm(exp.batch_size, generator=_generator(self.seed, iteration, epoch, self.rank, 1))
+            for mb in exp.select(order).split(self.ppo.minibatches):
+                mb = mb.to(self.device)
+                t = {"prompt_ids": mb.prompt_ids, "prompt_mask": mb.prompt_mask,
+                     "response_ids": mb.response_ids, "response_mask": mb.response_mask}
+                loss, s = value_loss(self._values(t), mb.values, mb.returns, mb.response_mask,
+                                     self.ppo.value_clip_eps)
+                self.engine.backward(loss)
+                s |= {k: v for k, v in self.engine.step().items() if k == "grad_norm"}
+                for k, v in s.items():
+                    stats[k] = stats.get(k, 0.0) + v
+                n += 1
+        return {f"critic/{k}": dist.all_reduce_mean(v / n) for k, v in stats.items()}
