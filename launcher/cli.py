@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("launcher.pretrain", "pretrain a GPT (clm), BERT (mlm) or distilled student"),
     "sft": ("launcher.finetune", "supervised fine-tuning on demonstrations (prompt + answer)"),
     "rm": ("launcher.finetune", "train a reward model on ranked comparisons"),
+    "ppo": ("launcher.ppo", "RLHF: PPO of a policy against a reward model, KL to a reference"),
     "export": ("launcher.export", "export a checkpoint as Hugging Face safetensors + config.json"),
     "cluster": ("launcher.cluster_cmd", "start/stop/show a local Ray head (loopback, token auth)"),
     "submit": ("launcher.jobs", "submit a job config to a Ray cluster (Ray Jobs API)"),

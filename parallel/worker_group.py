@@ -102,17 +102,21 @@ class WorkerGroup:
 
     def __init__(self, worker_cls: type | str, par: ParallelConfig, role: str = "worker",
                  worker_kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 start_timeout_s: float = 120.0):
+                 start_timeout_s: float = 120.0, placement_group: Any = None):
+        """`placement_group`: an existing one to place rank r into bundle r (colocating
+        several groups on the same devices, each taking its fraction); it is then not
+        removed at shutdown. Default: a placement group of this group's own."""
         import ray
-        from ray.util.placement_group import placement_group
+        import ray.util
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialized; call parallel.ensure_ray() first")
         self.role, self.world_size = role, par.num_workers
         bundle = {k: v for k, v in (("CPU", par.cpus_per_worker), ("GPU", par.gpus_per_worker)) if v}
         if not bundle:
             raise ValueError("cpus_per_worker and gpus_per_worker are both 0; reserve something")
-        self._pg = placement_group([dict(bundle)] * self.world_size, strategy=par.placement,
-                                   name=f"{role}-pg")
+        self._owns_pg = placement_group is None
+        self._pg = placement_group or ray.util.placement_group(
+            [dict(bundle)] * self.world_size, strategy=par.placement, name=f"{role}-pg")
         self._actors: list[Any] = []
         try:
             self._place(ray, bundle, start_timeout_s)
@@ -217,7 +221,7 @@ class WorkerGroup:
             except Exception:  # already gone
                 pass
         self._actors = []
-        if self._pg is not None:
+        if self._pg is not None and self._owns_pg:
             try:
                 remove_placement_group(self._pg)
             except Exception:

@@ -40,6 +40,11 @@ def _generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
+def _timed(rb: pa.RecordBatch, t0: float) -> pa.RecordBatch:
+    """Attach this call's compute seconds (the driver's per-phase timing)."""
+    return rb.replace_schema_metadata({"seconds": f"{time.perf_counter() - t0:.6f}"})
+
+
 def _sequences(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(ids (B, P+R), mask (B, P+R), P) from prompt/response tensors."""
     ids = torch.cat([t["prompt_ids"], t["response_ids"]], dim=1)
@@ -113,6 +118,7 @@ class ActorWorker(_RoleWorker):
                  ) -> pa.RecordBatch:
         """Sample one response per prompt; old log-probs recomputed by a full forward (the
         same computation training uses, at the sampling temperature)."""
+        t0 = time.perf_counter()
         t = arrow_to_tensors(prompts)
         ids, mask = t["prompt_ids"].to(self.device), t["prompt_mask"].to(self.device)
         self.engine.eval()
@@ -125,15 +131,22 @@ class ActorWorker(_RoleWorker):
         rmask[:, :gen.mask.shape[1]] = gen.mask.bool().cpu()
         out = {"prompt_ids": t["prompt_ids"], "prompt_mask": t["prompt_mask"].bool(),
                "response_ids": resp, "response_mask": rmask}
-        out["logprobs"] = self._logprobs(out)[0] if not greedy else torch.zeros(resp.shape)
-        return tensors_to_arrow(out)
+        out["logprobs"] = self._logprobs(out)[0].cpu() if not greedy else torch.zeros(resp.shape)
+        return _timed(tensors_to_arrow(out), t0)
 
     def _logprobs(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi(a_t) (B, R), logits (B, R, V)) at the rollout temperature."""
         ids, mask, P = _sequences(t)
         R = t["response_ids"].shape[1]
         logits = self._forward(ids, mask)[:, P - 1:P - 1 + R].float() / self.ppo.temperature
-        return token_logprobs(logits, t["response_ids"].to(self.device)).cpu(), logits
+        return token_logprobs(logits, t["response_ids"].to(self.device)), logits
+
+    @torch.no_grad()
+    def token_logprobs(self, seq: pa.RecordBatch, temperature: float) -> pa.RecordBatch:
+        """log pi(a_t) of given responses (e.g. greedy ones, for the KL to the reference)."""
+        self.engine.eval()
+        lp = self._logprobs(arrow_to_tensors(seq))[0].cpu()
+        return tensors_to_arrow({"logprobs": lp})
 
     def train(self, exp_rb: pa.RecordBatch, iteration: int) -> dict[str, float]:
         exp = Experience.from_arrow(exp_rb)
@@ -147,8 +160,7 @@ class ActorWorker(_RoleWorker):
                 t = {"prompt_ids": mb.prompt_ids, "prompt_mask": mb.prompt_mask,
                      "response_ids": mb.response_ids, "response_mask": mb.response_mask}
                 logp, logits = self._logprobs(t)
-                loss, s = policy_loss(logp.to(self.device) if logp.device != self.device else logp,
-                                      mb.logprobs, mb.advantages, mb.response_mask,
+                loss, s = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask,
                                       self.ppo.clip_eps)
                 s["entropy"] = float(masked_mean(entropy_from_logits(logits.detach()),
                                                  mb.response_mask))
@@ -176,11 +188,13 @@ class ReferenceWorker(_RoleWorker):
 
     @torch.no_grad()
     def logprobs(self, seq: pa.RecordBatch, temperature: float) -> pa.RecordBatch:
+        t0 = time.perf_counter()
         t = arrow_to_tensors(seq)
         ids, mask, P = _sequences(t)
         R = t["response_ids"].shape[1]
         logits = self._forward(ids, mask)[:, P - 1:P - 1 + R].float() / temperature
-        return tensors_to_arrow({"ref_logprobs": token_logprobs(logits, t["response_ids"].to(self.device)).cpu()})
+        lp = token_logprobs(logits, t["response_ids"].to(self.device)).cpu()
+        return _timed(tensors_to_arrow({"ref_logprobs": lp}), t0)
 
 
 class RewardWorker(_RoleWorker):
@@ -188,9 +202,9 @@ class RewardWorker(_RoleWorker):
 
     @torch.no_grad()
     def scores(self, seq: pa.RecordBatch) -> pa.RecordBatch:
-        t = arrow_to_tensors(seq)
-        ids, mask, _ = _sequences(t)
-        return tensors_to_arrow({"scores": self._forward(ids, mask).float().cpu()})
+        t0 = time.perf_counter()
+        ids, mask, _ = _sequences(arrow_to_tensors(seq))
+        return _timed(tensors_to_arrow({"scores": self._forward(ids, mask).float().cpu()}), t0)
 
 
 class CriticWorker(_RoleWorker):
@@ -203,8 +217,9 @@ class CriticWorker(_RoleWorker):
 
     @torch.no_grad()
     def values(self, seq: pa.RecordBatch) -> pa.RecordBatch:
+        t0 = time.perf_counter()
         self.engine.eval()
-        return tensors_to_arrow({"values": self._values(arrow_to_tensors(seq)).cpu()})
+        return _timed(tensors_to_arrow({"values": self._values(arrow_to_tensors(seq)).cpu()}), t0)
 
     def train(self, exp_rb: pa.RecordBatch, iteration: int) -> dict[str, float]:
         exp = Experience.from_arrow(exp_rb)

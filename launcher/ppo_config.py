@@ -1,0 +1,74 @@
+"""`trellis ppo` job config: four roles, each with its own engine settings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cluster.metrics import MetricsConfig
+from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+from rl.ppo_config import PPOConfig
+
+
+@dataclass
+class TrainRoleConfig:
+    """A trainable role (actor, critic): optimizer + engine/placement settings."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, weight_decay=0.0))
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+@dataclass
+class FrozenRoleConfig:
+    """A frozen role (reference, reward): ZeRO-3 inference, no optimizer."""
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(zero_stage=3))
+
+
+@dataclass
+class PPOJobConfig:
+    run_dir: str = "runs/ppo"
+    """Role checkpoints (RUN_DIR/actor, RUN_DIR/critic), driver state, metrics, rollouts."""
+    seed: int = 0
+    actor_init: str = ""
+    """The policy to improve: an SFT run dir (or trellis/HF weights)."""
+    reward_init: str = ""
+    """The reward model: an RM run dir (or trellis weights with a score head)."""
+    critic_init: str = ""
+    """Critic start (a value head on this trunk); empty = the reward model's trunk."""
+    reference_init: str = ""
+    """Frozen reference policy; empty = actor_init."""
+    prompts: str = ""
+    """Training prompts: an ingested prompts folder or JSONL {prompt} files."""
+    eval_prompts: str = ""
+    """Held-out prompts for evaluation (same forms); empty = none."""
+    placement: Literal["colocate", "separate"] = "separate"
+    """colocate: rank r of every role shares one placement-group bundle (same devices,
+    fractional shares); separate: each role its own placement group."""
+    save_rollouts: bool = False
+    """Write each iteration's rollout batch to RUN_DIR/rollouts/*.parquet for inspection."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    actor: TrainRoleConfig = field(default_factory=TrainRoleConfig)
+    critic: TrainRoleConfig = field(default_factory=lambda: TrainRoleConfig(
+        optim=OptimConfig(lr=5e-5, weight_decay=0.0)))
+    reference: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
+    reward: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """checkpoint.every counts iterations."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("actor_init", "reward_init", "prompts"):
+            if not getattr(self, key):
+                raise ValueError(f"{key} is required")
+        worlds = {r: getattr(self, r).parallel.num_workers
+                  for r in ("actor", "critic", "reference", "reward")}
+        for r, w in worlds.items():
+            if self.ppo.prompts_per_iteration % w:
+                raise ValueError(f"ppo.prompts_per_iteration {self.ppo.prompts_per_iteration} "
+                                 f"must divide by {r}.parallel.num_workers {w}")
+        for r in ("actor", "critic"):
+            rows = self.ppo.prompts_per_iteration // worlds[r]
+            if rows % self.ppo.minibatches:
+                raise ValueError(f"{rows} rows per {r} rank must divide into ppo.minibatches "
+                                 f"{self.ppo.minibatches}")
+        if self.placement == "colocate" and len(set(worlds.values())) != 1:
+            raise ValueError(f"placement=colocate needs equal num_workers for every role, "
+                             f"got {worlds}")

@@ -1,0 +1,207 @@
+"""PPO's single controller (the driver, as OpenRLHF's PPOTrainer): four worker groups, one
+DeepSpeed engine each; per iteration
+
+  actor.generate -> {reference.logprobs, reward.scores, critic.values} concurrently
+  -> driver: KL-shaped rewards, GAE, whitening (rl.experience.make_experience)
+  -> actor.train (PPO clip + ptx) and critic.train (clipped value loss) concurrently.
+
+Everything that crosses the object store is an Arrow record batch. The driver owns the
+prompt stream, the KL controller and the iteration counter; they are checkpointed with the
+actor and critic engines, so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+
+from data_pipeline.collate import PromptCollator
+from data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow, write_parquet
+from data_pipeline.row_stream import RowStream
+from rl.experience import Experience, make_experience
+from rl.kl import make_kl_controller
+from rl.ppo_config import PPOConfig
+
+ROLES = ("actor", "critic", "reference", "reward")
+WORKERS = {"actor": "rl.ppo_workers:ActorWorker", "critic": "rl.ppo_workers:CriticWorker",
+           "reference": "rl.ppo_workers:ReferenceWorker", "reward": "rl.ppo_workers:RewardWorker"}
+
+
+def split_rows(t: dict[str, torch.Tensor], n: int) -> list[pa.RecordBatch]:
+    """Rows of `t` dealt to n ranks in equal consecutive slices, as Arrow batches."""
+    B = next(iter(t.values())).shape[0]
+    k = B // n
+    return [tensors_to_arrow({name: v[i * k:(i + 1) * k] for name, v in t.items()})
+            for i in range(n)]
+
+
+def gather_rows(rbs: list[pa.RecordBatch]) -> tuple[dict[str, torch.Tensor], float]:
+    """Concatenate the ranks' results; also the slowest rank's compute seconds."""
+    parts = [arrow_to_tensors(rb) for rb in rbs]
+    secs = max(float((rb.schema.metadata or {}).get(b"seconds", b"0")) for rb in rbs)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, secs
+
+
+@dataclasses.dataclass
+class Groups:
+    actor: Any
+    critic: Any
+    reference: Any
+    reward: Any
+    pg: Any = None
+
+    def shutdown(self) -> None:
+        for g in (self.actor, self.critic, self.reference, self.reward):
+            if g is not None:
+                g.shutdown()
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+            remove_placement_group(self.pg)
+
+
+class PPOTrainer:
+    def __init__(self, cfg: Any, groups: Groups, prompts: Any, eval_prompts: Any,
+                 run_dir: Path, metrics: Any, tokenizer: Any):
+        self.cfg, self.ppo, self.g = cfg, cfg.ppo, groups
+        self.run_dir, self.metrics, self.tok = run_dir, metrics, tokenizer
+        self.prompts = RowStream(prompts, self.ppo.prompts_per_iteration, seed=cfg.seed)
+        self._it = iter(self.prompts)
+        self.eval_rows = eval_prompts.rows(list(range(min(len(eval_prompts), self.ppo.eval_prompts)))) \
+            if eval_prompts is not None and self.ppo.eval_prompts else []
+        self.kl = make_kl_controller(self.ppo.kl_controller, self.ppo.init_beta,
+                                     self.ppo.target_kl, self.ppo.kl_horizon)
+        self.collate = PromptCollator(max_prompt_len=self.ppo.max_prompt_len)
+        self.iteration = 0
+
+    # ---- one iteration -------------------------------------------------------------------
+    def rollout(self, rows: list[dict], greedy: bool = False
+                ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Generate for `rows`, then ref log-probs, scores and values concurrently."""
+        p = self.collate(rows)
+        prompt = {"prompt_ids": p["input_ids"], "prompt_mask": p["attention_mask"].bool()}
+        t0 = time.perf_counter()
+        g = self.g
+        seq, gen_s = gather_rows(g.actor.call_scatter(
+            "generate", split_rows(prompt, g.actor.world_size), self.iteration, greedy))
+        phases = {"generate": time.perf_counter() - t0}
+        seq_only = {k: seq[k] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask")}
+        t1 = time.perf_counter()
+        refs = {"reference": g.reference.call_scatter_async(
+                    "logprobs", split_rows(seq_only, g.reference.world_size), self.ppo.temperature),
+                "reward": g.reward.call_scatter_async(
+                    "scores", split_rows(seq_only, g.reward.world_size)),
+                "critic": g.critic.call_scatter_async(
+                    "values", split_rows(seq_only, g.critic.world_size))}
+        for role, r in refs.items():
+            out, secs = gather_rows(getattr(g, role).get(r))
+            seq |= out
+            phases[{"reference": "ref", "reward": "reward", "critic": "value"}[role]] = secs
+        phases["score_wall"] = time.perf_counter() - t1
+        return seq, phases
+
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        self.iteration += 1
+        seq, phases = self.rollout(next(self._it))
+        p = self.ppo
+        exp, stats = make_experience(
+            seq["prompt_ids"], seq["prompt_mask"], seq["response_ids"], seq["response_mask"],
+            seq["logprobs"], seq["ref_logprobs"], seq["values"], seq["scores"],
+            beta=self.kl.value, gamma=p.gamma, lam=p.lam, kl_kind=p.kl_kind,
+            score_clip=p.score_clip or None, whiten_advantages=p.whiten_advantages)
+        stats |= {"beta": self.kl.value, "score_std": float(seq["scores"].std())}
+        self.kl.update(stats["kl"], exp.batch_size)
+        if self.cfg.save_rollouts:
+            write_parquet(exp.to_rollout(), self.run_dir / "rollouts" / f"iter-{self.iteration:06d}.parquet")
+        t1 = time.perf_counter()
+        g = self.g
+        a = g.actor.call_scatter_async("train", self._split(exp, g.actor.world_size), self.iteration)
+        c = g.critic.call_scatter_async("train", self._split(exp, g.critic.world_size), self.iteration)
+        stats |= g.actor.get(a)[0] | g.critic.get(c)[0]
+        phases["train"] = time.perf_counter() - t1
+        from rl.ppo_math import explained_variance
+        stats["explained_variance"] = explained_variance(exp.values, exp.returns, exp.response_mask)
+        stats["iteration_seconds"] = time.perf_counter() - t0
+        stats["samples_per_second"] = exp.batch_size / stats["iteration_seconds"]
+        self.metrics.log(self.iteration, stats, kind="ppo", phases=phases)
+        return stats | {f"phase/{k}": v for k, v in phases.items()}
+
+    @staticmethod
+    def _split(exp: Experience, n: int) -> list[pa.RecordBatch]:
+        return [part.to_arrow() for part in exp.split(n)]
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        """Greedy responses on held-out prompts: RM score, summed KL to the reference."""
+        if not self.eval_rows:
+            return {}
+        n = self.g.actor.world_size
+        for other in (self.g.reference, self.g.reward, self.g.critic):
+            n = n * other.world_size // _gcd(n, other.world_size)
+        rows = self.eval_rows[:len(self.eval_rows) // n * n]
+        seq, _ = self.rollout(rows, greedy=True)
+        # Greedy rollouts carry no sampled log-probs: the KL is measured with the actor's
+        # log-probs of the greedy tokens, recomputed at temperature 1.
+        lp, _ = gather_rows(self.g.actor.call_scatter(
+            "token_logprobs", split_rows({k: seq[k] for k in ("prompt_ids", "prompt_mask",
+                                          "response_ids", "response_mask")},
+                                         self.g.actor.world_size), self.ppo.temperature))
+        m = seq["response_mask"].float()
+        kl = ((lp["logprobs"] - seq["ref_logprobs"]) * m).sum(1)
+        responses = [self.tok.decode(r[mk.bool()].tolist()).replace("</s>", "").strip()
+                     for r, mk in zip(seq["response_ids"], seq["response_mask"])]
+        prompts = [r["prompt"] for r in rows]
+        return {"reward_mean": float(seq["scores"].mean()), "kl_mean": float(kl.mean()),
+                "prompts": prompts, "responses": responses,
+                "response_length": float(m.sum(1).mean())}
+
+    # ---- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "prompts": self.prompts.state_dict(),
+                "kl": self.kl.state_dict()}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.iteration = int(s["iteration"])
+        self.prompts.load_state_dict(s["prompts"])
+        self._it = iter(self.prompts)
+        self.kl.load_state_dict(s["kl"])
+
+    def save(self) -> None:
+        it, keep = self.iteration, self.cfg.checkpoint.keep_last
+        a = self.g.actor.call_async("save", it, keep)
+        c = self.g.critic.call_async("save", it, keep)
+        self.g.actor.get(a), self.g.critic.get(c)
+        # Written last: a driver state names an iteration whose engines are both complete.
+        state_dir = self.run_dir / "state"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = state_dir / f".iter-{it:06d}.json.tmp"
+        tmp.write_text(json.dumps(self.state_dict()))
+        with open(tmp) as f:
+            os.fsync(f.fileno())
+        tmp.replace(state_dir / f"iter-{it:06d}.json")
+        for old in sorted(state_dir.glob("iter-*.json"))[:-keep]:
+            old.unlink()
+
+    def resume(self) -> bool:
+        from parallel import checkpoint
+        states = sorted((self.run_dir / "state").glob("iter-*.json"))
+        for path in reversed(states):
+            it = int(path.stem.split("-")[1])
+            dirs = [checkpoint.step_dir(self.run_dir / r, it) for r in ("actor", "critic")]
+            if all((d / "COMPLETE").is_file() for d in dirs):
+                self.g.actor.get(self.g.actor.call_async("resume", str(dirs[0])))
+                self.g.critic.get(self.g.critic.call_async("resume", str(dirs[1])))
+                self.load_state_dict(json.loads(path.read_text()))
+                return True
+        return False
+
+
+def _gcd(a: int, b: int) -> int:
+    import math
+    return math.gcd(a, b)
