@@ -14,7 +14,8 @@
    gloo on loopback), counted from the live engines' tensors (unique storages). Goal: ZeRO-3
    <= 0.55x. A what-if row shows ZeRO-3 with stage3_param_persistence_threshold=0.
 
-    python bench/pretrain.py [--preset gpt-small-cpu] [--threads 2] [--cycles 6] [--eager] [--only speed]
+    python bench/pretrain.py [--preset gpt-small-cpu] [--threads 2] [--cycles 10] [--no-eager]
+                               [--profile] [--only speed|memory]
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# OpenMP's default spin-waiting makes 2 threads on 2 cores shared with other busy processes
+# 5-10x slower (a barrier waits for a descheduled thread); passive waits cost little when idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -185,7 +189,7 @@ def speed(args: argparse.Namespace, cfg: ModelConfig) -> None:
         "trellis-plain": trellis_plain_step(cfg),
         "hf-sdpa": hf_step(cfg, "sdpa"),
     }
-    if args.eager:
+    if not args.no_eager:
         variants["hf-eager"] = hf_step(cfg, "eager")
     print(f"speed: {len(variants)} variants x ({args.warmup} warm-up + {args.cycles} interleaved "
           f"steps), {B} x {T} = {B * T} tokens/step", flush=True)
@@ -230,7 +234,7 @@ def held_bytes(engine) -> dict[str, int]:
     sizes["biggest_other"] = ("", 0)
 
     def add(cat: str, t: torch.Tensor | None, path: str = "") -> None:
-        if t is None or t.numel() == 0:
+        if t is None or t.numel() == 0 or t.device.type == "meta":  # meta: shapes only
             return
         s = t.untyped_storage()
         if s.nbytes() and s.data_ptr() not in counted:
@@ -358,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
-    ap.add_argument("--cycles", type=int, default=6, help="timed steps per variant")
-    ap.add_argument("--eager", action="store_true", help="also HF with eager attention")
+    ap.add_argument("--cycles", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--no-eager", action="store_true", help="skip HF with eager attention")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
     ap.add_argument("--profile-rows", type=int, default=12)
     ap.add_argument("--only", choices=["speed", "memory"])
@@ -373,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_preset(args.preset, **over)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()} (interop "
-          f"{torch.get_num_interop_threads()}), load avg {os.getloadavg()[0]:.1f} on "
+          f"{torch.get_num_interop_threads()}), OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load avg {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs")
     print(f"model: {args.preset} n_layer={cfg.n_layer} d_model={cfg.d_model} n_head={cfg.n_head}"
           f" vocab={cfg.vocab_size} seq={args.seq} batch={args.batch}; AdamW lr={OPT.lr} "

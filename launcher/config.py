@@ -115,6 +115,36 @@ def _apply_preset(cls: type, data: dict, prefix: str) -> dict:
     return {**base, **data}
 
 
+def _default_dict(f: dataclasses.Field) -> dict:
+    """What the field's default instance sets differently from its class's own defaults
+    (e.g. {'zero_stage': 3} for a frozen role), so presets and given keys still apply."""
+    if f.default_factory is dataclasses.MISSING:
+        return {}
+    inst = f.default_factory()
+    if not dataclasses.is_dataclass(inst):
+        return {}
+    return _diff(dataclasses.asdict(inst), dataclasses.asdict(type(inst)()))
+
+
+def _diff(mine: dict, plain: dict) -> dict:
+    out = {}
+    for k, v in mine.items():
+        if isinstance(v, dict) and isinstance(plain.get(k), dict):
+            sub = _diff(v, plain[k])
+            if sub:
+                out[k] = sub
+        elif plain.get(k) != v:
+            out[k] = v
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     data = _apply_preset(cls, data, prefix)
     hints = typing.get_type_hints(cls)
@@ -126,12 +156,16 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
+        if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            # A partly given section keeps the parent's defaults for that section
+            # (e.g. a frozen role whose default parallel config is ZeRO-3).
+            value = _merge(_default_dict(fields[name]), value)
         kwargs[name] = _coerce(value, hints[name], key)
         _check_range(kwargs[name], fields[name].metadata, key)
     # Defaults are validated too, so a dataclass default can never be out of range.
     for name, f in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
-            kwargs[name] = _build(hints[name], {}, prefix + name + ".")
+            kwargs[name] = _build(hints[name], _default_dict(f), prefix + name + ".")
     try:
         return cls(**kwargs)
     except ConfigError:

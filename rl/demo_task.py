@@ -4,7 +4,7 @@ so the whole InstructGPT pipeline (pretrain -> SFT -> reward model -> PPO) runs 
 Tasks (``DemoTaskConfig.kind``):
 
 * ``sort`` (default): ``sort: pear fig apple =`` -> ``apple fig pear``: the prompt's words
-  in alphabetical order. 3-4 words from a list of 12 fruit names by default.
+  in alphabetical order; 3-5 words from 16 fruit names by default.
 * ``add``: ``add: 12+7 =`` -> ``19``.
 
 Responses carry no leading space: the tokenizer's SentencePiece dummy prefix already puts
@@ -52,17 +52,17 @@ class DemoTaskConfig:
     """sort: order a few words alphabetically; add: sum two small numbers."""
     seed: int = 0
     """Seed of every random choice (prompts, corruptions, label noise)."""
-    n_words: int = field(default=12, metadata={"min": 4, "max": len(WORDS)})
+    n_words: int = field(default=16, metadata={"min": 4, "max": len(WORDS)})
     """sort: how many of the built-in words prompts draw from."""
     min_items: int = field(default=3, metadata={"min": 2})
     """sort: fewest words in a prompt."""
-    max_items: int = field(default=4, metadata={"min": 2})
+    max_items: int = field(default=5, metadata={"min": 2})
     """sort: most words in a prompt."""
     max_operand: int = field(default=99, metadata={"min": 9})
     """add: operands are 0..max_operand."""
     eval_fraction: float = field(default=0.1, metadata={"min": 0.01, "max": 0.5})
     """Share of item sets (sort) / operand pairs (add) held out for evaluation."""
-    n_demonstrations: int = field(default=300, metadata={"min": 1})
+    n_demonstrations: int = field(default=200, metadata={"min": 1})
     """SFT demonstrations (prompt + the rule's answer). Small on purpose: demonstrations are
     the expensive data; comparisons are cheaper, which is what RLHF exploits."""
     n_comparison_prompts: int = field(default=400, metadata={"min": 1})
@@ -184,12 +184,15 @@ def score(prompt: str, response: str) -> float:
     return right / max(len(got), len(want))
 
 
-def mean_score(prompts: Sequence[str], responses: Sequence[str]) -> float:
-    """The policy's average true score (the demo's evaluation metric)."""
+def mean_score(prompts: Sequence[str], responses: Sequence[str],
+               exact: bool = False) -> float:
+    """The policy's average true score (the demo's evaluation metric); exact=True: the
+    share of responses that are exactly right."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError(f"need equally many prompts and responses (> 0), got "
                          f"{len(prompts)} and {len(responses)}")
-    return sum(score(p, r) for p, r in zip(prompts, responses)) / len(prompts)
+    scores = [score(p, r) for p, r in zip(prompts, responses)]
+    return sum(s == 1.0 if exact else s for s in scores) / len(prompts)
 
 
 def corrupt(prompt: str, level: int, rng: random.Random, n_words: int = len(WORDS)) -> str:
