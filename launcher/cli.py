@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("launcher.finetune", "supervised fine-tuning on demonstrations (prompt + answer)"),
     "rm": ("launcher.finetune", "train a reward model on ranked comparisons"),
     "ppo": ("launcher.ppo", "RLHF: PPO of a policy against a reward model, KL to a reference"),
+    "pipeline": ("launcher.pipeline", "pretrain -> SFT -> RM -> PPO -> export on the embedded demo"),
     "export": ("launcher.export", "export a checkpoint as Hugging Face safetensors + config.json"),
     "cluster": ("launcher.cluster_cmd", "start/stop/show a local Ray head (loopback, token auth)"),
     "submit": ("launcher.jobs", "submit a job config to a Ray cluster (Ray Jobs API)"),

@@ -1,0 +1,64 @@
+"""`trellis pipeline` config: the embedded demo task and the knobs of each stage."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.tokenizer import TokenizerConfig
+from model.config import ModelConfig
+from rl.demo_task import DemoTaskConfig
+from rl.ppo_config import PPOConfig
+
+
+@dataclass
+class StageConfig:
+    """What a pipeline stage exposes of its job config."""
+    steps: int = field(default=100, metadata={"min": 1})
+    """Optimizer steps."""
+    lr: float = field(default=1e-3, metadata={"min": 0.0})
+    """Peak learning rate (warmup 10% of steps, cosine to 10%)."""
+    micro_batch_size: int = field(default=16, metadata={"min": 1})
+    """Rows (or packed blocks) per rank per step."""
+    num_workers: int = field(default=1, metadata={"min": 1})
+    """Ray workers (data-parallel ranks)."""
+    zero_stage: int = field(default=0, metadata={"min": 0, "max": 3})
+    """DeepSpeed ZeRO stage."""
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/pipeline"
+    """Every stage's run dir goes under here (pretrain/, sft/, rm/, ppo/, export/)."""
+    seed: int = 0
+    task: DemoTaskConfig = field(default_factory=DemoTaskConfig)
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=512))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        preset="gpt-tiny", vocab_size=512, n_layer=2, n_head=2, d_model=64, max_seq_len=64))
+    pretrain_lines: int = field(default=20000, metadata={"min": 1})
+    """Lines of task-format text (random answers) to pretrain on."""
+    seq_len: int = field(default=64, metadata={"min": 8})
+    """Pretraining block length."""
+    max_len: int = field(default=40, metadata={"min": 8})
+    """SFT / RM rows: prompt + response tokens."""
+    max_prompt_len: int = field(default=24, metadata={"min": 4})
+    """SFT / RM rows: prompt tokens kept."""
+    pretrain: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=3e-3))
+    sft: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=1e-3))
+    rm: StageConfig = field(default_factory=lambda: StageConfig(steps=150, lr=5e-4,
+                                                                micro_batch_size=8))
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        iterations=30, prompts_per_iteration=32, max_new_tokens=10, max_prompt_len=24,
+        eval_prompts=0))
+    ppo_actor_lr: float = field(default=2e-5, metadata={"min": 0.0})
+    ppo_critic_lr: float = field(default=1e-4, metadata={"min": 0.0})
+    ppo_workers: int = field(default=1, metadata={"min": 1})
+    """Ray workers per PPO role."""
+    placement: Literal["colocate", "separate"] = "colocate"
+    """PPO role placement."""
+    comparisons_from: Literal["sft", "corrupt"] = "sft"
+    """Comparison responses: sampled from the SFT policy (InstructGPT) or, as a fallback,
+    the rule's answer corrupted to varying degrees."""
+    eval_prompts: int = field(default=100, metadata={"min": 1})
+    """Held-out prompts in the results table."""
+    samples_shown: int = field(default=4, metadata={"min": 0})
+    """Example answers printed per policy."""
