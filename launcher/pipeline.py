@@ -79,12 +79,14 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
     root.mkdir(parents=True, exist_ok=True)
     p = prepare_task(cfg, root)
     dirs = {s: root / s for s in ("pretrain", "sft", "rm", "ppo")}
+    from data_pipeline.tokenizer import Tokenizer
     m = cfg.model
+    vocab = Tokenizer(p["tokenizer"]).vocab_size  # SentencePiece may stop below the request
     done = _done(dirs["pretrain"], cfg.pretrain.steps)
     _banner("pretrain", done)
     if not done:
         pretrain(load_config(PretrainJobConfig, None, _stage(cfg.pretrain, dirs["pretrain"]) + [
-            f"seed={cfg.seed}", f"model.preset={m.preset}", f"model.vocab_size={m.vocab_size}",
+            f"seed={cfg.seed}", f"model.preset={m.preset}", f"model.vocab_size={vocab}",
             f"model.n_layer={m.n_layer}", f"model.n_head={m.n_head}", f"model.d_model={m.d_model}",
             f"model.max_seq_len={m.max_seq_len}", f"data.path={p['pretrain_data']}",
             f"tokenizer.path={p['tokenizer']}", f"data.seq_len={cfg.seq_len}",

@@ -32,7 +32,9 @@ def respond(policy: nn.Module, tok, prompts: Sequence[str], max_new_tokens: int,
                                         temperature=temperature, eos_id=tok.eos_id),
                        generator=None if greedy else g)
         for ids, m in zip(gen.tokens, gen.mask):
-            ids = [t for t in ids[m.bool()].tolist() if t != tok.eos_id]
+            # Ids past the tokenizer (a model vocabulary padded beyond it) decode as unk.
+            ids = [t if t < tok.vocab_size else tok.unk_id for t in ids[m.bool()].tolist()
+                   if t != tok.eos_id]
             out.append(tok.decode(ids).strip())
     return out
 
