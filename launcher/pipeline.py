@@ -68,8 +68,8 @@ def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
     return paths | {"tokenizer": tok, "pretrain_data": data}
 
 
-def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = None
-               ) -> dict[str, Path]:
+def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = None,
+               ppo_stage: bool = True) -> dict[str, Path]:
     from launcher.finetune import rm, sft
     from launcher.finetune_config import RMJobConfig, SFTJobConfig
     from launcher.job_config import PretrainJobConfig
@@ -106,7 +106,8 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
         rm(load_config(RMJobConfig, None, _stage(cfg.rm, dirs["rm"]) + rows + [
             f"init_from={dirs['sft']}", f"data.train={comparisons}",
             f"normalize_on={p['demonstrations']}"]), local=local, address=address)
-    run_ppo(cfg, dirs, p, local, address)
+    if ppo_stage:
+        run_ppo(cfg, dirs, p, local, address)
     return dirs | {"task": root / "task", "tokenizer": p["tokenizer"],
                    "prompts_eval": p["prompts_eval"]}
 

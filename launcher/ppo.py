@@ -155,7 +155,8 @@ def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> d
         result: dict[str, Any] = {"start_eval": trainer.evaluate() if not resumed else {}}
         bar = progress(cfg.ppo.iterations, desc="ppo", unit="it", initial=trainer.iteration)
         last: dict[str, float] = {}
-        while trainer.iteration < cfg.ppo.iterations:
+        end = min(cfg.ppo.iterations, cfg.stop_after) if cfg.stop_after else cfg.ppo.iterations
+        while trainer.iteration < end:
             last = trainer.step()
             print(f"iteration {trainer.iteration}: score {last['score']:.3f} "
                   f"kl {last['kl']:.3f} beta {last['beta']:.4f} "
@@ -164,7 +165,7 @@ def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> d
                   f"len {last['response_length']:.1f} "
                   f"{last['samples_per_second']:.1f} samples/s", flush=True)
             every = cfg.checkpoint.every
-            if (every and trainer.iteration % every == 0) or trainer.iteration == cfg.ppo.iterations:
+            if (every and trainer.iteration % every == 0) or trainer.iteration == end:
                 trainer.save()
             if cfg.ppo.eval_every and trainer.iteration % cfg.ppo.eval_every == 0:
                 ev = trainer.evaluate()
@@ -176,7 +177,7 @@ def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> d
         result |= {"last": last, "iteration": trainer.iteration,
                    "info": {r: getattr(groups, r).call("info") for r in
                             ("actor", "critic", "reference", "reward")},
-                   "end_eval": trainer.evaluate()}
+                   "end_eval": trainer.evaluate() if end == cfg.ppo.iterations else {}}
         return result
     finally:
         groups.shutdown()

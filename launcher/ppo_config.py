@@ -42,6 +42,9 @@ class PPOJobConfig:
     placement: Literal["colocate", "separate"] = "separate"
     """colocate: rank r of every role shares one placement-group bundle (same devices,
     fractional shares); separate: each role its own placement group."""
+    stop_after: int = field(default=0, metadata={"min": 0})
+    """End this invocation after this iteration (checkpointed); a later run resumes. 0 = run
+    all ppo.iterations."""
     save_rollouts: bool = False
     """Write each iteration's rollout batch to RUN_DIR/rollouts/*.parquet for inspection."""
     ppo: PPOConfig = field(default_factory=PPOConfig)

@@ -1,0 +1,163 @@
+"""RLHF on the embedded demo task: SFT, the reward model from rankings, PPO with four
+worker groups (real Ray actors, real DeepSpeed engines), resume, and bad input.
+
+One module fixture trains the tiny pretrain -> SFT -> RM chain once, in-process."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.config import ConfigError, load_config
+from launcher.pipeline import run_stages
+from launcher.pipeline_config import PipelineConfig
+from launcher.ppo_config import PPOJobConfig
+
+# Small enough for CI on 2 cores, large enough that every stage learns something.
+STAGES = ["pretrain.steps=150", "pretrain.lr=3e-3", "sft.steps=120", "sft.lr=1e-3",
+          "rm.steps=200", "rm.lr=1e-3", "task.n_comparison_prompts=300",
+          "comparisons_from=corrupt", "pretrain_lines=6000"]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rlhf")
+    cfg = load_config(PipelineConfig, None, [f"run_dir={root}", *STAGES])
+    return run_stages(cfg, local=True, ppo_stage=False)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from parallel.worker_group import ensure_ray
+    ensure_ray(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def ppo_job(chain: dict, run_dir: Path, *extra: str) -> PPOJobConfig:
+    base = [f"run_dir={run_dir}", f"actor_init={chain['sft']}", f"reward_init={chain['rm']}",
+            f"prompts={chain['task'] / 'prompts_train.jsonl'}",
+            f"eval_prompts={chain['prompts_eval']}", "ppo.prompts_per_iteration=16",
+            "ppo.max_new_tokens=10", "ppo.max_prompt_len=24", "ppo.eval_prompts=32",
+            "ppo.minibatches=2", "ppo.ppo_epochs=2", "actor.optim.lr=2e-4",
+            "critic.optim.lr=5e-4", "metrics.port=-1", "ppo.init_beta=0.02"]
+    return load_config(PPOJobConfig, None, base + list(extra))
+
+
+def test_sft_learns_demonstrations(chain):
+    ev = rows(chain["sft"] / "metrics" / "eval.csv")
+    tr = rows(chain["sft"] / "metrics" / "train.csv")
+    assert float(tr[-1]["loss"]) < float(tr[0]["loss"]) - 0.3
+    assert float(ev[-1]["loss"]) < float(tr[0]["loss"])
+
+
+def test_reward_model_ranks_held_out_pairs(chain):
+    ev = rows(chain["rm"] / "metrics" / "eval.csv")
+    assert float(ev[-1]["accuracy"]) >= 0.85, ev[-1]
+
+
+def test_tie_makes_no_pair():
+    from data_pipeline.collate import ranking_pairs
+    from rl.rm_loss import pairwise_rm_loss
+    # D > C > A = B as ranks per response [A, B, C, D] = [2, 2, 1, 0]: 5 pairs, not 6.
+    pairs = ranking_pairs([2, 2, 1, 0])
+    assert sorted(pairs) == sorted([(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)])
+    scores = torch.tensor([0.0, 0.0, 1.0, 2.0], requires_grad=True)
+    loss, acc = pairwise_rm_loss(scores, torch.tensor(pairs), torch.zeros(5, dtype=torch.long))
+    assert acc == 1.0 and loss.item() > 0
+    loss.backward()
+    assert scores.grad[0] == scores.grad[1]  # the tied pair got no gradient of its own
+
+
+def test_ppo_four_groups_separate_raises_reward_under_kl_bound(chain, tmp_path, ray_local):
+    from launcher.ppo import ppo
+    cfg = ppo_job(chain, tmp_path, "ppo.iterations=8", "placement=separate",
+                  "actor.parallel.num_workers=2", "actor.parallel.zero_stage=2",
+                  "critic.parallel.num_workers=2", "critic.parallel.zero_stage=1",
+                  "reference.parallel.num_workers=2", "reward.parallel.num_workers=2",
+                  *[f"{r}.parallel.cpus_per_worker=0.2"
+                    for r in ("actor", "critic", "reference", "reward")])
+    res = ppo(cfg)
+    info = res["info"]
+    pids = [w["pid"] for role in info.values() for w in role]
+    assert len(set(pids)) == 8, info  # eight distinct processes
+    stages = {role: {w["zero_stage"] for w in ws} for role, ws in info.items()}
+    assert stages == {"actor": {2}, "critic": {1}, "reference": {3}, "reward": {3}}
+    for role in ("reference", "reward"):  # ZeRO-3: each rank holds about half
+        for w in info[role]:
+            assert not w["trainable"]
+            assert 0.4 <= w["local_params"] / w["global_params"] <= 0.6, info[role]
+    start, end = res["start_eval"], res["end_eval"]
+    assert end["reward_mean"] > start["reward_mean"] + 0.3, (start["reward_mean"], end["reward_mean"])
+    assert 0.0 <= end["kl_mean"] < 10.0
+    log = rows(tmp_path / "metrics" / "ppo.csv")
+    assert len(log) == 8
+    for key in ("phase_seconds/generate", "phase_seconds/ref", "phase_seconds/reward",
+                "phase_seconds/value", "phase_seconds/train", "actor/clip_fraction",
+                "actor/approx_kl", "actor/entropy", "critic/value_loss", "explained_variance",
+                "kl", "score", "response_length"):
+        assert log[-1][key] != "", key
+
+
+def test_ppo_colocated_runs(chain, tmp_path, ray_local):
+    from launcher.ppo import ppo
+    res = ppo(ppo_job(chain, tmp_path, "ppo.iterations=2", "placement=colocate",
+                      "ppo.eval_prompts=0"))
+    assert res["iteration"] == 2
+    assert len({w["pid"] for role in res["info"].values() for w in role}) == 4
+
+
+def test_ppo_resume_reproduces_next_iteration(chain, tmp_path):
+    from launcher.ppo import ppo
+    straight = tmp_path / "straight"
+    ppo(ppo_job(chain, straight, "ppo.iterations=3", "ppo.eval_prompts=0"), local=True)
+    resumed = tmp_path / "resumed"
+    ppo(ppo_job(chain, resumed, "ppo.iterations=3", "ppo.eval_prompts=0", "stop_after=2"),
+        local=True)
+    assert json.loads((resumed / "state" / "iter-000002.json").read_text())["iteration"] == 2
+    ppo(ppo_job(chain, resumed, "ppo.iterations=3", "ppo.eval_prompts=0"), local=True)
+    a, b = rows(straight / "metrics" / "ppo.csv"), rows(resumed / "metrics" / "ppo.csv")
+    assert [r["step"] for r in b] == ["1", "2", "3"]
+    for key in ("score", "kl", "actor/policy_loss", "critic/value_loss", "response_length"):
+        assert abs(float(a[2][key]) - float(b[2][key])) <= 1e-5, (key, a[2][key], b[2][key])
+
+
+def test_prompt_longer_than_context_is_a_clear_error(chain, tmp_path):
+    from launcher.ppo import ppo
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "sort: apple fig ="}) + "\n" +
+                    json.dumps({"prompt": "sort: " + " ".join(["apple"] * 40) + " ="}) + "\n")
+    with pytest.raises(ConfigError, match=r"long.jsonl: prompt row 1 has \d+ tokens"):
+        ppo(ppo_job(chain, tmp_path / "run", f"prompts={long}"), local=True)
+    with pytest.raises(ConfigError, match="exceeds the model's context"):
+        ppo(ppo_job(chain, tmp_path / "run2", "ppo.max_prompt_len=60"), local=True)
+
+
+def test_bad_comparisons_are_counted_and_named(chain, tmp_path, capsys):
+    from launcher.finetune import rm
+    from launcher.finetune_config import RMJobConfig
+    bad = tmp_path / "bad.jsonl"
+    good = {"prompt": "sort: pear fig =", "responses": ["fig pear", "pear fig"], "ranking": [0, 1]}
+    lines = [good] * 40 + [
+        {"prompt": "sort: fig lime =", "responses": ["fig lime", ""], "ranking": [0, 1]},
+        {"prompt": "sort: fig lime =", "responses": ["fig lime", "lime"], "ranking": [0, 1, 2]}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = load_config(RMJobConfig, None, [f"run_dir={tmp_path / 'rm'}", f"init_from={chain['sft']}",
+                                          f"data.train={bad}", "train.steps=1", "metrics.port=-1",
+                                          "parallel.micro_batch_size=4"])
+    rm(cfg, local=True)
+    err = capsys.readouterr().err
+    assert "bad.jsonl:41" in err and "empty" in err
+    assert "bad.jsonl:42" in err and "ranking" in err
+    manifest = json.loads((tmp_path / "rm" / "data" / "train" / "manifest.json").read_text())
+    assert manifest["skipped"] == {"empty": 1, "bad_ranking": 1}
