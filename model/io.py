@@ -73,7 +73,19 @@ def load_module(path: str | Path, head: str | None = None) -> tuple[nn.Module, M
         from model.heads import load_trunk_state_dict
         trunk = module.trunk if hasattr(module, "trunk") else module
         load_trunk_state_dict(trunk, _trunk_state(state, meta["head"]))
+        if head == "value" and meta["head"] == "score":
+            _value_head_from_score_head(module, state)
     return module, cfg, meta
+
+
+@torch.no_grad()
+def _value_head_from_score_head(value_model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A critic started from a reward model takes its (normalised) score head too, so V(s_t)
+    starts as the RM's score of the prefix rather than noise (DeepSpeed-Chat's critic is the
+    RM itself): w' = w / std, b' = (b - mean) / std."""
+    std, mean = state["norm_std"].float(), state["norm_mean"].float()
+    value_model.value_head.weight.copy_(state["score_head.weight"] / std)
+    value_model.value_head.bias.copy_((state["score_head.bias"] - mean) / std)
 
 
 def _trunk_state(state: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
