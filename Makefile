@@ -28,7 +28,7 @@ $(STAMP): setup.py Makefile
 	touch $@
 
 run: install
-	$(BIN)/trellis pretrain --config launcher/configs/default.yaml --local
+	$(BIN)/trellis pipeline --config launcher/configs/pipeline.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests
