@@ -56,6 +56,14 @@ class ParallelConfig:
     """Ray CPU reservation per worker; fractional so several groups can share a node."""
     gpus_per_worker: float = field(default=0.0, metadata={"min": 0.0})
     """Ray GPU reservation per worker; fractional values let groups share a GPU."""
+    zero3_persistence_threshold: int = field(default=0, metadata={"min": 0})
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's
+    stage3_param_persistence_threshold, 1e5 there). 0 partitions every parameter: per-rank
+    memory 0.50x at 2 ranks instead of 0.69x with 1e5 on a 1M-parameter model; raise it on
+    GPUs to save gathers of small tensors."""
+    bucket_elements: int = field(default=50_000_000, metadata={"min": 1})
+    """Reduce / all-gather / prefetch bucket size in elements (DeepSpeed's default 5e8 holds
+    a 2 GB fp32 buffer per rank whatever the model's size)."""
     activation_checkpointing: bool = False
     """Recompute activations in backward (if the model provides set_activation_checkpointing)."""
     seed: int = 0

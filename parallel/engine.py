@@ -38,7 +38,11 @@ def ds_config(optim: OptimConfig | None, par: ParallelConfig, plan: BatchPlan,
     """DeepSpeed config dict from our configs. Pure: no DeepSpeed import, testable."""
     on_gpu = torch.cuda.is_available()
     stage = par.zero_stage if trainable else (3 if par.zero_stage == 3 else 0)
-    zero: dict[str, Any] = {"stage": stage}
+    zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": par.bucket_elements,
+                            "allgather_bucket_size": par.bucket_elements}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = par.zero3_persistence_threshold
+        zero["stage3_prefetch_bucket_size"] = par.bucket_elements
     if stage >= 1 and par.offload_optimizer and trainable:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if stage == 3 and par.offload_params:

@@ -128,11 +128,15 @@ def test_ds_config_follows_our_config_and_batch_plan():
     assert cfg["optimizer"]["type"] == "AdamW" and params["torch_adam"] is True
     assert (params["lr"], params["weight_decay"], params["betas"]) == (1e-3, 0.05, [0.8, 0.9])
     frozen = ds_config(None, par, plan, trainable=False)
+    buckets = {"reduce_bucket_size": par.bucket_elements,
+               "allgather_bucket_size": par.bucket_elements}
     assert "optimizer" not in frozen and frozen["zero_optimization"] == {
-        "stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}}
+        "stage": 3, "offload_param": {"device": "cpu", "pin_memory": False}, **buckets,
+        "stage3_param_persistence_threshold": 0,  # every parameter partitioned by default
+        "stage3_prefetch_bucket_size": par.bucket_elements}
     par2 = ParallelConfig(zero_stage=2)
     assert ds_config(None, par2, BatchPlan.from_config(par2, 8), trainable=False)[
-        "zero_optimization"] == {"stage": 0}  # ZeRO-1/2 shard optimizer state: none when frozen
+        "zero_optimization"] == {"stage": 0, **buckets}  # ZeRO-1/2 shard optimizer state: none when frozen
     with pytest.raises(ValueError, match="trainable engine needs an OptimConfig"):
         ds_config(None, par2, BatchPlan.from_config(par2, 8))
 
