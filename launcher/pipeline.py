@@ -8,13 +8,14 @@ table compares the pretrained, SFT and PPO policies on held-out prompts."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from launcher.cli import add_job_arguments
-from launcher.config import load_config
+from launcher.config import ConfigError, load_config
 from launcher.pipeline_config import PipelineConfig, StageConfig
 
 
@@ -52,9 +53,16 @@ def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
     from rl.demo_task import write_demo_data, write_pretrain_corpus
 
     task = root / "task"
-    paths = write_demo_data(task, cfg.task) if not (task / "demo_task.json").is_file() else \
-        {n: task / f"{n}.jsonl" for n in ("demonstrations", "comparisons", "prompts_train",
-                                          "prompts_eval")}
+    meta = task / "demo_task.json"
+    if meta.is_file():
+        made_with = json.loads(meta.read_text())["config"]
+        if made_with != dataclasses.asdict(cfg.task):
+            raise ConfigError(f"'{meta}' was made with another task config ({made_with}); later "
+                              f"stages were trained on it: use a new run_dir")
+        paths = {n: task / f"{n}.jsonl" for n in ("demonstrations", "comparisons",
+                                                  "prompts_train", "prompts_eval")}
+    else:
+        paths = write_demo_data(task, cfg.task)
     tok = root / "tokenizer.model"
     corpus = root / "corpus" / "pretrain.txt"
     if not corpus.is_file():

@@ -163,3 +163,13 @@ def test_bad_comparisons_are_counted_and_named(chain, tmp_path, capsys):
     assert "bad.jsonl:42" in err and "ranking" in err
     manifest = json.loads((tmp_path / "rm" / "data" / "train" / "manifest.json").read_text())
     assert manifest["skipped"] == {"empty": 1, "bad_ranking": 1}
+
+
+def test_pipeline_refuses_a_run_dir_made_with_another_task(chain):
+    from launcher.pipeline import prepare_task
+    root = chain["task"].parent
+    other = load_config(PipelineConfig, None, [f"run_dir={root}", *STAGES, "task.k_responses=5"])
+    with pytest.raises(ConfigError, match="made with another task config"):
+        prepare_task(other, root)
+    same = load_config(PipelineConfig, None, [f"run_dir={root}", *STAGES])
+    assert prepare_task(same, root)["demonstrations"].is_file()
