@@ -84,6 +84,28 @@ class _RoleWorker:
                 "global_params": self.engine.global_param_numel(),
                 "trainable": self.engine.trainable, "device": str(self.device)}
 
+    def _ppo_epochs(self, exp_rb: pa.RecordBatch, iteration: int, salt: int,
+                    minibatch_loss: Any) -> dict[str, float]:
+        """ppo_epochs passes over this rank's rows in shuffled minibatches, one optimizer step
+        each; `minibatch_loss(mb, seq) -> (loss, stats)`. Stats averaged over steps and ranks."""
+        exp = Experience.from_arrow(exp_rb)
+        self.engine.train()
+        stats: dict[str, float] = {}
+        n = 0
+        for epoch in range(self.ppo.ppo_epochs):
+            g = _generator(self.seed, iteration, epoch, self.rank, salt)
+            for mb in exp.select(torch.randperm(exp.batch_size, generator=g)).split(self.ppo.minibatches):
+                mb = mb.to(self.device)
+                seq = {"prompt_ids": mb.prompt_ids, "prompt_mask": mb.prompt_mask,
+                       "response_ids": mb.response_ids, "response_mask": mb.response_mask}
+                loss, s = minibatch_loss(mb, seq)
+                self.engine.backward(loss)
+                s |= {k: v for k, v in self.engine.step().items() if k in ("grad_norm", "lr")}
+                for k, v in s.items():
+                    stats[k] = stats.get(k, 0.0) + v
+                n += 1
+        return {k: dist.all_reduce_mean(v / n) for k, v in stats.items()}
+
     # Checkpoints of the trainable roles, each in its own run dir (RUN_DIR/<role>).
     def save(self, step: int, keep_last: int) -> str:
         return str(checkpoint.save_checkpoint(self.run_dir, step, {self.engine_name: self.engine},
@@ -149,31 +171,19 @@ class ActorWorker(_RoleWorker):
         return tensors_to_arrow({"logprobs": lp})
 
     def train(self, exp_rb: pa.RecordBatch, iteration: int) -> dict[str, float]:
-        exp = Experience.from_arrow(exp_rb)
-        self.engine.train()
-        stats: dict[str, float] = {}
-        n = 0
-        for epoch in range(self.ppo.ppo_epochs):
-            order = torch.randperm(exp.batch_size, generator=_generator(self.seed, iteration, epoch, self.rank))
-            for mb in exp.select(order).split(self.ppo.minibatches):
-                mb = mb.to(self.device)
-                t = {"prompt_ids": mb.prompt_ids, "prompt_mask": mb.prompt_mask,
-                     "response_ids": mb.response_ids, "response_mask": mb.response_mask}
-                logp, logits = self._logprobs(t)
-                loss, s = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask,
-                                      self.ppo.clip_eps)
-                s["entropy"] = float(masked_mean(entropy_from_logits(logits.detach()),
-                                                 mb.response_mask))
-                if self.ptx is not None:
-                    lm = self._ptx_loss()
-                    loss = loss + ptx_loss(lm, self.ppo.ptx_coef)
-                    s["ptx_loss"] = float(lm)
-                self.engine.backward(loss)
-                s |= {k: v for k, v in self.engine.step().items() if k in ("grad_norm", "lr")}
-                for k, v in s.items():
-                    stats[k] = stats.get(k, 0.0) + v
-                n += 1
-        return {f"actor/{k}": dist.all_reduce_mean(v / n) for k, v in stats.items()}
+        def minibatch_loss(mb: Experience, seq: dict) -> tuple[torch.Tensor, dict[str, float]]:
+            logp, logits = self._logprobs(seq)
+            loss, s = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask,
+                                  self.ppo.clip_eps)
+            s["entropy"] = float(masked_mean(entropy_from_logits(logits.detach()),
+                                             mb.response_mask))
+            if self.ptx is not None:
+                lm = self._ptx_loss()
+                loss = loss + ptx_loss(lm, self.ppo.ptx_coef)
+                s["ptx_loss"] = float(lm)
+            return loss, s
+        stats = self._ppo_epochs(exp_rb, iteration, 0, minibatch_loss)
+        return {f"actor/{k}": v for k, v in stats.items()}
 
     def _ptx_loss(self) -> torch.Tensor:
         from data_pipeline.collate import clm_collate
@@ -222,21 +232,8 @@ class CriticWorker(_RoleWorker):
         return _timed(tensors_to_arrow({"values": self._values(arrow_to_tensors(seq)).cpu()}), t0)
 
     def train(self, exp_rb: pa.RecordBatch, iteration: int) -> dict[str, float]:
-        exp = Experience.from_arrow(exp_rb)
-        self.engine.train()
-        stats: dict[str, float] = {}
-        n = 0
-        for epoch in range(self.ppo.ppo_epochs):
-            order = torch.randperm(exp.batch_size, generator=_generator(self.seed, iteration, epoch, self.rank, 1))
-            for mb in exp.select(order).split(self.ppo.minibatches):
-                mb = mb.to(self.device)
-                t = {"prompt_ids": mb.prompt_ids, "prompt_mask": mb.prompt_mask,
-                     "response_ids": mb.response_ids, "response_mask": mb.response_mask}
-                loss, s = value_loss(self._values(t), mb.values, mb.returns, mb.response_mask,
-                                     self.ppo.value_clip_eps)
-                self.engine.backward(loss)
-                s |= {k: v for k, v in self.engine.step().items() if k == "grad_norm"}
-                for k, v in s.items():
-                    stats[k] = stats.get(k, 0.0) + v
-                n += 1
-        return {f"critic/{k}": dist.all_reduce_mean(v / n) for k, v in stats.items()}
+        def minibatch_loss(mb: Experience, seq: dict) -> tuple[torch.Tensor, dict[str, float]]:
+            return value_loss(self._values(seq), mb.values, mb.returns, mb.response_mask,
+                              self.ppo.value_clip_eps)
+        stats = self._ppo_epochs(exp_rb, iteration, 1, minibatch_loss)
+        return {f"critic/{k}": v for k, v in stats.items() if k != "lr"}

@@ -17,8 +17,9 @@ from launcher.pipeline_config import PipelineConfig
 from launcher.ppo_config import PPOJobConfig
 
 # Small enough for CI on 2 cores, large enough that every stage learns something.
-STAGES = ["pretrain.steps=150", "pretrain.lr=3e-3", "sft.steps=120", "sft.lr=1e-3",
-          "rm.steps=200", "rm.lr=1e-3", "task.n_comparison_prompts=300",
+STAGES = ["model.preset=gpt-tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64",
+          "pretrain.steps=150", "pretrain.lr=3e-3", "sft.steps=120", "sft.lr=1e-3",
+          "rm.steps=300", "rm.lr=1e-3", "task.n_comparison_prompts=600",
           "comparisons_from=corrupt", "pretrain_lines=6000"]
 
 
