@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -130,14 +131,20 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
     from data_pipeline.tokenizer import Tokenizer
     from launcher.run_model import materialize
     from model.io import load_module
-    from rl.demo_task import write_demo_data
+    from rl.demo_task import corrupt, write_demo_data
     from rl.policy_eval import sample_k
 
     policy, _, _ = load_module(materialize(sft_dir, root / "eval" / "sft"))
     tok = Tokenizer(p["tokenizer"])
+    rng = random.Random(cfg.seed)
 
     def sample_fn(prompts: list[str], k: int) -> list[list[str]]:
-        return sample_k(policy, tok, prompts, k, cfg.ppo.max_new_tokens, seed=cfg.seed)
+        n = k if cfg.comparisons_from == "sft" else (k + 1) // 2
+        groups = sample_k(policy, tok, prompts, n, cfg.ppo.max_new_tokens, seed=cfg.seed)
+        # mixed: the rest are the rule's answer with 0, 1, ... edits, so every prompt also
+        # has clear gradations next to the policy's own (on-distribution) answers.
+        return [g + [corrupt(pr, level, rng, cfg.task.n_words) for level in range(k - n)]
+                for pr, g in zip(prompts, groups)]
 
     write_demo_data(out.parent, cfg.task, sample_fn)
     return out
