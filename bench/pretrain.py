@@ -353,7 +353,7 @@ def report_memory(results: list, stages: list) -> None:
     print("ratio = world 2 / world 1 per rank (goal: ZeRO-3 <= 0.55x). 'other' = further "
           "tensors the ZeRO optimizer holds (communication buckets: torch.empty, so mostly "
           "untouched pages), not in the totals. p=0: stage3_param_persistence_threshold=0 "
-          "(trellis uses DeepSpeed's default 1e5 elements).")
+          "(trellis's default since parallel.zero3_persistence_threshold; DeepSpeed's own is 1e5).")
 
 
 # ---- main --------------------------------------------------------------------------------
