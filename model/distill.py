@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch.nn as nn
-
 from model.bert import BertForMaskedLM
 from model.config import ModelConfig
 
@@ -36,6 +34,3 @@ def init_student_from_teacher(teacher: BertForMaskedLM, teacher_cfg: ModelConfig
     student.load_state_dict(dst)
     return student
 
-
-def depth(module: nn.Module) -> int:
-    return len(module.bert.layers)

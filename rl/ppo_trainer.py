@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -141,9 +142,9 @@ class PPOTrainer:
         """Greedy responses on held-out prompts: RM score, summed KL to the reference."""
         if not self.eval_rows:
             return {}
-        n = self.g.actor.world_size
-        for other in (self.g.reference, self.g.reward, self.g.critic):
-            n = n * other.world_size // _gcd(n, other.world_size)
+        # Every group splits the rows evenly: use a multiple of all their world sizes.
+        n = math.lcm(*(g.world_size for g in (self.g.actor, self.g.reference, self.g.reward,
+                                               self.g.critic)))
         rows = self.eval_rows[:len(self.eval_rows) // n * n]
         seq, _ = self.rollout(rows, greedy=True)
         # Greedy rollouts carry no sampled log-probs: the KL is measured with the actor's
@@ -201,7 +202,3 @@ class PPOTrainer:
                 return True
         return False
 
-
-def _gcd(a: int, b: int) -> int:
-    import math
-    return math.gcd(a, b)
