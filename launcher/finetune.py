@@ -12,14 +12,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from launcher.cli import add_job_arguments
 from launcher.config import ConfigError, dump_yaml
 from launcher.finetune_config import RMJobConfig, SFTJobConfig
-from launcher.pretrain import add_run_arguments, cpu_defaults, print_result, resolve_config
+from launcher.job_common import add_run_arguments, cpu_defaults, print_result, resolve_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_job_arguments(p)
     add_run_arguments(p)
 
 

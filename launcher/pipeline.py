@@ -15,16 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.cli import add_job_arguments
 from launcher.config import ConfigError, load_config
+from launcher.job_common import add_run_arguments, resolve_config
 from launcher.pipeline_config import PipelineConfig, StageConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_job_arguments(p)
-    p.add_argument("--local", action="store_true", help="every stage in this process, no Ray")
-    p.add_argument("--run-dir", help="override run_dir")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    add_run_arguments(p, recovery=False)  # --local: every stage in this process
 
 
 def _stage(s: StageConfig, run_dir: Path, metrics_port: int = -1) -> list[str]:
@@ -214,7 +211,7 @@ def print_table(rows: dict[str, Any], n_prompts: int) -> None:
 
 def pipeline(cfg: PipelineConfig, local: bool = False, address: str | None = None) -> dict:
     from launcher.export import export
-    from launcher.pretrain import cpu_defaults
+    from launcher.job_common import cpu_defaults
 
     cpu_defaults()
     t0 = time.perf_counter()
@@ -231,6 +228,5 @@ def pipeline(cfg: PipelineConfig, local: bool = False, address: str | None = Non
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-    pipeline(load_config(PipelineConfig, args.config, overrides), args.local, args.address)
+    pipeline(resolve_config(PipelineConfig, args), args.local, args.address)
     return 0

@@ -7,18 +7,13 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from launcher.cli import add_job_arguments
-from launcher.config import ConfigError, dump_yaml, load_config
+from launcher.config import ConfigError, dump_yaml
+from launcher.job_common import add_run_arguments, cpu_defaults, resolve_config
 from launcher.ppo_config import PPOJobConfig
-from launcher.pretrain import cpu_defaults
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_job_arguments(p)
-    p.add_argument("--local", action="store_true",
-                   help="all four roles in this process, without Ray (num_workers must be 1)")
-    p.add_argument("--run-dir", help="override run_dir")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    add_run_arguments(p, recovery=False)  # --local: all four roles in this process
 
 
 def _weights(cfg: PPOJobConfig, run_dir: Path) -> dict[str, Path]:
@@ -185,9 +180,7 @@ def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> d
 
 
 def run(args: argparse.Namespace) -> int:
-    overrides = list(args.overrides) + ([f"run_dir={args.run_dir}"] if args.run_dir else [])
-    cfg = load_config(PPOJobConfig, args.config, overrides)
-    res = ppo(cfg, local=args.local, address=args.address)
+    res = ppo(resolve_config(PPOJobConfig, args), local=args.local, address=args.address)
     for name in ("start_eval", "end_eval"):
         ev = res.get(name) or {}
         if ev:

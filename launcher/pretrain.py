@@ -8,53 +8,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launcher.cli import add_job_arguments
-from launcher.config import ConfigError, dump_yaml, load_config
+from launcher.config import ConfigError, dump_yaml
+from launcher.job_common import add_run_arguments, cpu_defaults, print_result, resolve_config
 from launcher.job_config import PretrainJobConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_job_arguments(p)
     add_run_arguments(p)
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags every training job shares (pretrain, sft, rm)."""
-    p.add_argument("--local", action="store_true",
-                   help="run one worker in this process, without Ray (debuggers work)")
-    p.add_argument("--run-dir", help="override run_dir")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--max-failures", type=int, default=None,
-                   help="worker deaths to recover from (overrides train.max_failures)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start from scratch even when the run dir has a checkpoint")
-
-
-def resolve_config(cls: type, args: argparse.Namespace) -> Any:
-    overrides = list(args.overrides)
-    if args.run_dir:
-        overrides.append(f"run_dir={args.run_dir}")
-    if args.max_failures is not None:
-        overrides.append(f"train.max_failures={args.max_failures}")
-    if args.no_resume:
-        overrides.append("checkpoint.resume=false")
-    cfg = load_config(cls, args.config, overrides)
-    if args.local and cfg.parallel.num_workers != 1:
-        raise ConfigError(f"config key 'parallel.num_workers': --local runs one worker, "
-                          f"got {cfg.parallel.num_workers}")
-    return cfg
-
-
-def cpu_defaults() -> None:
-    """Without CUDA, tell DeepSpeed it is on CPU (else it probes and warns) and keep Ray on
-    loopback; explicit settings in the environment win."""
-    import os
-
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pretrain(cfg: PretrainJobConfig, local: bool = False,
@@ -109,17 +69,6 @@ def _sampler(cfg: PretrainJobConfig, data: Any):
                          tok.eos_id)[0]
         return {"sample": data.sample_prompt + tok.decode(out)}
     return finish
-
-
-def print_result(result: dict[str, Any]) -> None:
-    loss = result["loss"]
-    extra = " ".join(f"{k} {v:.4f}" for k, v in result.items()
-                     if k.startswith("val_") and isinstance(v, float))
-    print(f"final: step {result['step']} "
-          + (f"train loss {loss:.4f}" if loss == loss else "(nothing left to train)")
-          + (f" {extra}" if extra else ""))
-    if result.get("sample"):
-        print("sample:", result["sample"])
 
 
 def run(args: argparse.Namespace) -> int:
