@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from launcher.config import ConfigError
-from model.io import META, is_module_dir, save_module
+from model.io import META, is_module_dir, load_full_state_dict, save_module
 
 RUN_MODEL = "run_model.json"  # written by every training job: {model, head, engine}
 
@@ -32,11 +32,7 @@ def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None =
     cfg = ModelConfig(**meta["model"])
     state = Engine.consolidate(find_checkpoint(run_dir, step) / meta["engine"])
     module = build_model(cfg, meta["head"])
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight", "head.decoder.weight", "trunk.lm_head.weight"}
-    if [k for k in missing if k not in tied] or unexpected:
-        raise ValueError(f"checkpoint of '{run_dir}' does not match its {RUN_MODEL}: "
-                         f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    load_full_state_dict(module, state, f"checkpoint of {run_dir}")
     extra = {"source": str(run_dir)}
     tok = run_dir / "tokenizer.model"
     out = save_module(module, cfg, meta["head"], out_dir, extra)

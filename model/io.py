@@ -45,6 +45,25 @@ def save_module(module: nn.Module, cfg: ModelConfig, head: str, out_dir: str | P
     return out
 
 
+def _tie_groups(module: nn.Module) -> list[set[str]]:
+    """Names of parameters that are one tensor (tied embeddings), read off the module."""
+    groups: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def load_full_state_dict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load every weight of `module` from `state` (a tied tensor may be stored under one of
+    its names only); anything else missing or unexpected is an error naming `where`."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    covered = {n for g in _tie_groups(module) if g - set(missing) for n in g}
+    real = [k for k in missing if k not in covered]
+    if real or unexpected:
+        raise ValueError(f"'{where}' does not match the model: missing {real[:3]}, "
+                         f"unexpected {list(unexpected)[:3]}")
+
+
 def is_module_dir(path: str | Path) -> bool:
     return (Path(path) / META).is_file() and (Path(path) / WEIGHTS).is_file()
 
@@ -64,11 +83,7 @@ def load_module(path: str | Path, head: str | None = None) -> tuple[nn.Module, M
     state = load_file(str(path / WEIGHTS))
     module = build_model(cfg, head or meta["head"])
     if head is None or head == meta["head"]:
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight", "head.decoder.weight", "trunk.lm_head.weight"}
-        if [k for k in missing if k not in tied] or unexpected:
-            raise ValueError(f"'{path / WEIGHTS}' does not match its {META}: missing "
-                             f"{[k for k in missing if k not in tied][:3]}, unexpected {unexpected[:3]}")
+        load_full_state_dict(module, state, str(path / WEIGHTS))
     else:
         from model.heads import load_trunk_state_dict
         trunk = module.trunk if hasattr(module, "trunk") else module
