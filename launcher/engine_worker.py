@@ -60,10 +60,9 @@ class EngineWorker:
             for k, v in extra.items():
                 parts[k] = parts.get(k, 0.0) + v / accum
         self.step += 1
-        out = {"loss": dist.all_reduce_mean(loss_sum), "lr": info.get("lr", 0.0),
-               "grad_norm": info.get("grad_norm", float("nan")),
-               "tokens": tokens * self.world, "step_time": time.perf_counter() - t0}
-        return out | {k: dist.all_reduce_mean(v) for k, v in parts.items()}
+        means = dist.all_reduce_mean_dict(parts | {"loss": loss_sum})
+        return means | {"lr": info.get("lr", 0.0), "grad_norm": info.get("grad_norm", float("nan")),
+                        "tokens": tokens * self.world, "step_time": time.perf_counter() - t0}
 
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self, step: int) -> str:

@@ -60,13 +60,11 @@ class _RowWorker(EngineWorker):
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        sums: dict[str, float] = {}
-        batches = self._val_batches()
-        for batch in batches:
-            _, stats = self.loss(batch)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v / len(batches)
-        return {k: dist.all_reduce_mean(v) for k, v in sums.items()}
+        per_batch = [self.loss(batch)[1] for batch in self._val_batches()]
+        keys = per_batch[0] if per_batch else {}
+        local = {k: float(torch.tensor([s[k] for s in per_batch], dtype=torch.float64).nanmean())
+                 for k in keys}
+        return dist.all_reduce_mean_dict(local)
 
 
 class SFTWorker(_RowWorker):
@@ -101,10 +99,9 @@ class RMWorker(_RowWorker):
                                      attention_mask=batch["attention_mask"].to(dev))  # (N,)
         pairs, group = pairs_from_collator(batch)
         loss, acc = pairwise_rm_loss(scores, pairs.to(dev), group.to(dev), self.cfg.weighting)
-        stats = {"loss": loss.item()}
-        if not math.isnan(acc):
-            stats["accuracy"] = acc
-        return loss, stats
+        # Always both keys (accuracy NaN when a batch holds only ties): ranks must agree on
+        # what they reduce.
+        return loss, {"loss": loss.item(), "accuracy": acc}
 
     @torch.no_grad()
     def normalize(self, demo_dir: str, max_rows: int = 512) -> dict[str, float]:

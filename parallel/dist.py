@@ -114,6 +114,23 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def all_reduce_mean_dict(values: dict[str, float]) -> dict[str, float]:
+    """Mean over ranks of each named metric, in one collective. NaN entries (a metric a rank
+    could not measure, e.g. accuracy of a batch without pairs) are left out of that mean;
+    every rank must pass the same keys."""
+    import torch.distributed as tdist
+    keys = sorted(values)
+    v = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.stack([torch.nan_to_num(v, nan=0.0), (~v.isnan()).double()])  # (2, K)
+    if is_initialized() and tdist.get_world_size() > 1 and keys:
+        if tdist.get_backend() == "nccl":
+            t = t.cuda()
+        tdist.all_reduce(t)
+    t = t.cpu()
+    return {k: float(t[0, i] / t[1, i]) if t[1, i] > 0 else float("nan")
+            for i, k in enumerate(keys)}
+
+
 def all_reduce_mean(value: float | torch.Tensor) -> float:
     """Mean of a scalar over ranks (e.g. a logged loss); returns a Python float."""
     import torch.distributed as tdist

@@ -104,7 +104,7 @@ class _RoleWorker:
                 for k, v in s.items():
                     stats[k] = stats.get(k, 0.0) + v
                 n += 1
-        return {k: dist.all_reduce_mean(v / n) for k, v in stats.items()}
+        return dist.all_reduce_mean_dict({k: v / n for k, v in stats.items()})
 
     # Checkpoints of the trainable roles, each in its own run dir (RUN_DIR/<role>).
     def save(self, step: int, keep_last: int) -> str:
