@@ -1,11 +1,30 @@
-from setuptools import setup
+"""trellis installs as ONE import package, `trellis`: the repository's top-level folders
+(fixed by the project's design) are mapped to `trellis.<folder>` through package_dir, so
+site-packages gains no generic names such as `model` or `cluster`."""
+from setuptools import find_packages, setup
+
+PARTS = ("launcher", "model", "parallel", "rl", "data_pipeline", "cluster")
+
+
+def _packages() -> tuple[list[str], dict[str, str]]:
+    packages, dirs = [], {}
+    for part in PARTS:
+        for sub in [""] + [f".{p}" for p in find_packages(part)]:
+            name = f"trellis.{part}{sub}"
+            packages.append(name)
+            dirs[name] = part + sub.replace(".", "/")
+    return packages, dirs
+
+
+PACKAGES, PACKAGE_DIR = _packages()
 
 setup(
     name="trellis",
-    version="0.1.0",
+    version="0.2.0",
     description="Distributed training of transformer LMs: pretraining, fine-tuning and RLHF on Ray + DeepSpeed ZeRO + Arrow",
-    packages=["launcher", "model", "parallel", "rl", "data_pipeline", "cluster"],
-    package_data={"launcher": ["configs/*.yaml"], "cluster": ["configs/*"]},
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    package_data={"trellis.launcher": ["configs/*.yaml"], "trellis.cluster": ["configs/*"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.3",
@@ -21,5 +40,5 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8", "transformers>=4.40", "accelerate>=0.30"]},
-    entry_points={"console_scripts": ["trellis=launcher.cli:main"]},
+    entry_points={"console_scripts": ["trellis=trellis.launcher.cli:main"]},
 )

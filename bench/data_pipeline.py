@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from data_pipeline.config import DataConfig  # noqa: E402
-from data_pipeline.corpus import default_corpus_documents  # noqa: E402
-from data_pipeline.ingest import ingest  # noqa: E402
-from data_pipeline.shards import load_manifest, make_token_dataset, open_shard  # noqa: E402
-from data_pipeline.stream import TokenStream  # noqa: E402
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
+from trellis.data_pipeline.config import DataConfig  # noqa: E402
+from trellis.data_pipeline.corpus import default_corpus_documents  # noqa: E402
+from trellis.data_pipeline.ingest import ingest  # noqa: E402
+from trellis.data_pipeline.shards import load_manifest, make_token_dataset, open_shard  # noqa: E402
+from trellis.data_pipeline.stream import TokenStream  # noqa: E402
+from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
 
 
 def make_shards(root: Path, total_tokens: int, vocab: int = 32_000) -> Path:

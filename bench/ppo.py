@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TRELLIS_PROGRESS", "0")
@@ -41,16 +40,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Spin-waiting OpenMP threads on 2 shared cores stall on descheduled peers (bench/pretrain.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
-from launcher.ppo import ppo  # noqa: E402
-from launcher.ppo_config import FrozenRoleConfig, PPOJobConfig, TrainRoleConfig  # noqa: E402
-from model.build import build_model  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.io import save_module  # noqa: E402
-from parallel.config import CheckpointConfig, ParallelConfig  # noqa: E402
-from rl.demo_task import DemoTaskConfig, write_demo_data, write_pretrain_corpus  # noqa: E402
-from rl.ppo_config import PPOConfig  # noqa: E402
-from cluster.metrics import MetricsConfig  # noqa: E402
+from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
+from trellis.launcher.jobs.ppo.driver import ppo  # noqa: E402
+from trellis.launcher.jobs.ppo.config import FrozenRoleConfig, PPOJobConfig, TrainRoleConfig  # noqa: E402
+from trellis.model.build import build_model  # noqa: E402
+from trellis.model.config import ModelConfig  # noqa: E402
+from trellis.model.io import save_module  # noqa: E402
+from trellis.parallel.config import CheckpointConfig, ParallelConfig  # noqa: E402
+from trellis.rl.demo_task import DemoTaskConfig, write_demo_data, write_pretrain_corpus  # noqa: E402
+from trellis.rl.ppo_config import PPOConfig  # noqa: E402
+from trellis.cluster.metrics import MetricsConfig  # noqa: E402
 
 PHASES = ("generate", "ref", "reward", "value", "score_wall", "train")
 SEQ = 64  # model context: prompt (<= MAX_PROMPT) + response
@@ -123,7 +122,7 @@ def run_trellis(assets: dict[str, Path], root: Path, args: argparse.Namespace, l
     cfg = job_config(assets, run_dir, args, workers)
     t0 = time.perf_counter()
     if not local:
-        from parallel.worker_group import ensure_ray
+        from trellis.parallel.worker_group import ensure_ray
         ensure_ray(num_cpus=2, log_to_driver=False)
     try:
         ppo(cfg, local=local)
@@ -148,9 +147,9 @@ def run_trl(assets: dict[str, Path], root: Path, args: argparse.Namespace) -> di
     from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                               LlamaTokenizer, TrainerCallback)
 
-    from data_pipeline.tokenizer import Tokenizer
-    from model.hf import save_hf_pretrained
-    from model.io import load_module
+    from trellis.data_pipeline.tokenizer import Tokenizer
+    from trellis.model.hf import save_hf_pretrained
+    from trellis.model.io import load_module
 
     hf_dir = root / "hf-policy"
     module, cfg, _ = load_module(assets["policy"])

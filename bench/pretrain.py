@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -41,11 +40,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from model.build import build_model  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
-from model.losses import token_cross_entropy  # noqa: E402
-from parallel.config import OptimConfig, ParallelConfig  # noqa: E402
-from parallel.engine import param_groups  # noqa: E402
+from trellis.model.build import build_model  # noqa: E402
+from trellis.model.config import ModelConfig  # noqa: E402
+from trellis.model.losses import token_cross_entropy  # noqa: E402
+from trellis.parallel.config import OptimConfig, ParallelConfig  # noqa: E402
+from trellis.parallel.engine import param_groups  # noqa: E402
 
 OPT = OptimConfig(lr=3e-4, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0)
 Step = Callable[[torch.Tensor], dict[str, float]]  # (B, T+1) tokens -> phase seconds
@@ -70,7 +69,7 @@ def phases(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
 
 
 def trellis_engine_step(cfg: ModelConfig, batch: int, total_steps: int) -> Step:
-    from parallel.engine import Engine
+    from trellis.parallel.engine import Engine
     torch.manual_seed(0)
     engine = Engine(build_model(cfg), OPT, ParallelConfig(zero_stage=0, micro_batch_size=batch),
                     total_steps=total_steps)
@@ -273,8 +272,8 @@ def memory_worker(rank: int, world: int, port: int, cfg: ModelConfig, stages: li
     forward+backward (gradients live, optimizer state allocated), count, then step."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    import parallel.engine as pe
-    from parallel import dist
+    import trellis.parallel.engine as pe
+    from trellis.parallel import dist
     dist.init_distributed(rank, world, master_port=port, backend="gloo")
     g = torch.Generator().manual_seed(rank)
     T = min(32, cfg.max_seq_len)  # any size will do: only parameter-sized tensors are counted
@@ -308,7 +307,7 @@ def memory_worker(rank: int, world: int, port: int, cfg: ModelConfig, stages: li
 
 def memory(args: argparse.Namespace, cfg: ModelConfig) -> None:
     import torch.multiprocessing as mp
-    from parallel.dist import free_port
+    from trellis.parallel.dist import free_port
     stages = [(0, None), (1, None), (2, None), (3, None), (3, 0)]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

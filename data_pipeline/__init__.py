@@ -37,7 +37,7 @@ _EXPORTS = {
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f"data_pipeline.{_EXPORTS[name]}"), name)
+        return getattr(importlib.import_module(f"trellis.data_pipeline.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")
 
 

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from data_pipeline.tokenizer import EOS_ID, MASK_ID, PAD_ID, SEP_ID
+from trellis.data_pipeline.tokenizer import EOS_ID, MASK_ID, PAD_ID, SEP_ID
 
 IGNORE = -100
 SPECIAL_IDS = frozenset(range(SEP_ID + 1))

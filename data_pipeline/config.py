@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_pipeline.tokenizer import TokenizerConfig
+from trellis.data_pipeline.tokenizer import TokenizerConfig
 
 
 @dataclass

@@ -23,11 +23,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from data_pipeline.config import InputSource
-from data_pipeline.inputs import Doc, Piece, Skip, detect_format, expand_paths, plan_pieces, read_piece
-from data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_json, new_manifest,
+from trellis.data_pipeline.config import InputSource
+from trellis.data_pipeline.inputs import Doc, Piece, Skip, detect_format, expand_paths, plan_pieces, read_piece
+from trellis.data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_json, new_manifest,
                                   read_shard_meta, token_dtype, write_shard)
-from data_pipeline.tokenizer import Tokenizer, mp_context
+from trellis.data_pipeline.tokenizer import Tokenizer, mp_context
 
 BENIGN = {"empty"}        # counted and reported, but never fatal under on_error="fail"
 EXAMPLES_PER_REASON = 5   # skip messages kept per reason per task (all are counted)

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from data_pipeline.config import IngestConfig, InputSource
-from data_pipeline.inputs import Doc, Piece, detect_format, expand_paths, read_piece
-from data_pipeline.ingest import ingest
-from data_pipeline.shards import DataError
-from data_pipeline.tokenizer import Tokenizer
+from trellis.data_pipeline.config import IngestConfig, InputSource
+from trellis.data_pipeline.inputs import Doc, Piece, detect_format, expand_paths, read_piece
+from trellis.data_pipeline.ingest import ingest
+from trellis.data_pipeline.shards import DataError
+from trellis.data_pipeline.tokenizer import Tokenizer
 
 
 def sample_documents(sources: Sequence[InputSource], max_chars: int) -> Iterable[str]:
@@ -36,7 +36,7 @@ def sample_documents(sources: Sequence[InputSource], max_chars: int) -> Iterable
 def resolve_tokenizer(cfg: IngestConfig, sources: Sequence[InputSource]) -> Tokenizer:
     """cfg.tokenizer.path, else out_dir/tokenizer.model from an earlier run, else train one
     on a sample of the inputs and save it there."""
-    from data_pipeline.tokenizer import train_tokenizer
+    from trellis.data_pipeline.tokenizer import train_tokenizer
     if cfg.tokenizer.path:
         return Tokenizer(cfg.tokenizer.path)
     saved = Path(cfg.out_dir) / "tokenizer.model"
@@ -51,8 +51,8 @@ def resolve_tokenizer(cfg: IngestConfig, sources: Sequence[InputSource]) -> Toke
 def ingest_from_config(cfg: IngestConfig, progress: bool = True) -> dict[str, Any]:
     """Run an IngestConfig: default corpus when no sources, tokenizer resolution, then
     ingest (tokens) or ingest_structured (the SFT/RLHF kinds)."""
-    from data_pipeline.corpus import write_default_corpus
-    from data_pipeline.structured import ingest_structured
+    from trellis.data_pipeline.corpus import write_default_corpus
+    from trellis.data_pipeline.structured import ingest_structured
     sources = list(cfg.sources)
     if not sources:
         if cfg.kind != "tokens":

@@ -21,7 +21,7 @@ from typing import Iterator, Union
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_pipeline.shards import DataError, _first_line
+from trellis.data_pipeline.shards import DataError, _first_line
 
 EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet",
               ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}

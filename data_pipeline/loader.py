@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from data_pipeline.stream import TokenStream
+from trellis.data_pipeline.stream import TokenStream
 
 Collate = Callable[[dict[str, Any]], dict[str, Any]]
 

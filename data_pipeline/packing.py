@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.shards import DataError, ShardArrays, check_tokenizer, load_manifest, open_shard
+from trellis.data_pipeline.shards import DataError, ShardArrays, check_tokenizer, load_manifest, open_shard
 
 IDENTITY_WINDOW = 1 << 16  # window size when documents are not shuffled (amortizes lookups)
 CHUNK_TOKENS = 1 << 18     # documents are gathered (with their EOS) into chunks of this size

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
-from data_pipeline.structured import StructuredDataset, rank_indices
+from trellis.data_pipeline.structured import StructuredDataset, rank_indices
 
 
 class RowStream:

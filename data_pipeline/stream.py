@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline.config import DataConfig, SourceConfig
-from data_pipeline.packing import Packer, Source
-from data_pipeline.shards import DataError
+from trellis.data_pipeline.config import DataConfig, SourceConfig
+from trellis.data_pipeline.packing import Packer, Source
+from trellis.data_pipeline.shards import DataError
 
 STATE_VERSION = 1
 

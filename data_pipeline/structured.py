@@ -31,10 +31,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data_pipeline.inputs import Row, Skip, detect_format, expand_paths, read_rows
-from data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_json, check_tokenizer,
+from trellis.data_pipeline.inputs import Row, Skip, detect_format, expand_paths, read_rows
+from trellis.data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_json, check_tokenizer,
                                   load_manifest, new_manifest)
-from data_pipeline.tokenizer import Tokenizer
+from trellis.data_pipeline.tokenizer import Tokenizer
 
 KINDS = ("demonstrations", "comparisons", "prompts", "dialogue")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"

@@ -6,21 +6,21 @@ import argparse
 import importlib
 import sys
 
-from launcher.config import ConfigError
+from trellis.launcher.config_loader import ConfigError
 
 # name -> (module with `add_arguments(parser)` and `run(args) -> int`, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("launcher.ingest", "tokenize raw text/JSONL/Parquet into Arrow shards + manifest"),
-    "pretrain": ("launcher.pretrain", "pretrain a GPT (clm), BERT (mlm) or distilled student"),
-    "sft": ("launcher.finetune", "supervised fine-tuning on demonstrations (prompt + answer)"),
-    "rm": ("launcher.finetune", "train a reward model on ranked comparisons"),
-    "ppo": ("launcher.ppo", "RLHF: PPO of a policy against a reward model, KL to a reference"),
-    "pipeline": ("launcher.pipeline", "pretrain -> SFT -> RM -> PPO -> export on the embedded demo"),
-    "export": ("launcher.export", "export a checkpoint as Hugging Face safetensors + config.json"),
-    "cluster": ("launcher.cluster_cmd", "start/stop/show a local Ray head (loopback, token auth)"),
-    "submit": ("launcher.jobs", "submit a job config to a Ray cluster (Ray Jobs API)"),
-    "jobs": ("launcher.jobs", "list submitted jobs; status, logs or stop one"),
-    "plot": ("launcher.plot", "render PNG curves from a run directory's metrics CSVs"),
+    "ingest": ("trellis.launcher.jobs.ingest.driver", "tokenize raw text/JSONL/Parquet into Arrow shards + manifest"),
+    "pretrain": ("trellis.launcher.jobs.pretrain.driver", "pretrain a GPT (clm), BERT (mlm) or distilled student"),
+    "sft": ("trellis.launcher.jobs.finetune.driver", "supervised fine-tuning on demonstrations (prompt + answer)"),
+    "rm": ("trellis.launcher.jobs.finetune.driver", "train a reward model on ranked comparisons"),
+    "ppo": ("trellis.launcher.jobs.ppo.driver", "RLHF: PPO of a policy against a reward model, KL to a reference"),
+    "pipeline": ("trellis.launcher.jobs.pipeline.driver", "pretrain -> SFT -> RM -> PPO -> export on the embedded demo"),
+    "export": ("trellis.launcher.jobs.export.driver", "export a checkpoint as Hugging Face safetensors + config.json"),
+    "cluster": ("trellis.launcher.commands.cluster", "start/stop/show a local Ray head (loopback, token auth)"),
+    "submit": ("trellis.launcher.commands.ray_jobs", "submit a job config to a Ray cluster (Ray Jobs API)"),
+    "jobs": ("trellis.launcher.commands.ray_jobs", "list submitted jobs; status, logs or stop one"),
+    "plot": ("trellis.launcher.commands.plot", "render PNG curves from a run directory's metrics CSVs"),
 }
 
 

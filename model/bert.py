@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.layers import Embedding, Linear, attention, merge_heads, padding_attn_mask, split_heads
+from trellis.model.config import ModelConfig
+from trellis.model.layers import Embedding, Linear, attention, merge_heads, padding_attn_mask, split_heads
 
 
 class BertSelfAttention(nn.Module):

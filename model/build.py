@@ -5,10 +5,10 @@ from typing import Literal
 
 from torch import nn
 
-from model.bert import Bert, BertForMaskedLM, BertForSequenceClassification
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.heads import ScoreModel, ValueModel
+from trellis.model.bert import Bert, BertForMaskedLM, BertForSequenceClassification
+from trellis.model.config import ModelConfig
+from trellis.model.gpt import GPT
+from trellis.model.heads import ScoreModel, ValueModel
 
 Head = Literal["lm", "mlm", "cls", "value", "score"]
 _HEAD_ARCH = {"lm": "gpt", "mlm": "bert", "cls": "bert"}

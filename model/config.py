@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.presets import PRESETS
+from trellis.model.presets import PRESETS
 
 
 @dataclass

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.bert import BertForMaskedLM
-from model.config import ModelConfig
+from trellis.model.bert import BertForMaskedLM
+from trellis.model.config import ModelConfig
 
 
 def student_config(teacher_cfg: ModelConfig, dropout: float | None = None) -> ModelConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from model.config import ModelConfig
+from trellis.model.config import ModelConfig
 
 _EMBEDDING_SUFFIXES = ("wte.weight", "wpe.weight", "tok_emb.weight", "pos_emb.weight",
                        "type_emb.weight")

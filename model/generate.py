@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.kv_cache import KVCache
+from trellis.model.kv_cache import KVCache
 
 
 @dataclass

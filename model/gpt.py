@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
-from model.kv_cache import KVCache
-from model.layers import Embedding, Linear, attention, merge_heads, padding_attn_mask, split_heads
+from trellis.model.config import ModelConfig
+from trellis.model.kv_cache import KVCache
+from trellis.model.layers import Embedding, Linear, attention, merge_heads, padding_attn_mask, split_heads
 
 
 class CausalSelfAttention(nn.Module):

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from model.layers import Linear
+from trellis.model.layers import Linear
 
 
 def last_token_index(attention_mask: torch.Tensor | None, batch: int, length: int,

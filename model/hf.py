@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.bert import Bert, BertForMaskedLM
-from model.build import build_model
-from model.config import ModelConfig
-from model.gpt import GPT
-from model.hf_names import hf_ignored, name_table, normalize_hf_key, tied
+from trellis.model.bert import Bert, BertForMaskedLM
+from trellis.model.build import build_model
+from trellis.model.config import ModelConfig
+from trellis.model.gpt import GPT
+from trellis.model.hf_names import hf_ignored, name_table, normalize_hf_key, tied
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from model.config import ModelConfig
+from trellis.model.config import ModelConfig
 
 _WB = ("weight", "bias")
 

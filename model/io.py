@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.build import build_model
-from model.config import ModelConfig
+from trellis.model.build import build_model
+from trellis.model.config import ModelConfig
 
 WEIGHTS, META = "model.safetensors", "model.json"
 
@@ -85,7 +85,7 @@ def load_module(path: str | Path, head: str | None = None) -> tuple[nn.Module, M
     if head is None or head == meta["head"]:
         load_full_state_dict(module, state, str(path / WEIGHTS))
     else:
-        from model.heads import load_trunk_state_dict
+        from trellis.model.heads import load_trunk_state_dict
         trunk = module.trunk if hasattr(module, "trunk") else module
         load_trunk_state_dict(trunk, _trunk_state(state, meta["head"]))
         if head == "value" and meta["head"] == "score":

@@ -13,18 +13,18 @@ than the configs and BatchPlan load their module on first use.
 """
 from importlib import import_module
 
-from parallel.batch import BatchPlan
-from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+from trellis.parallel.batch import BatchPlan
+from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 
 _LAZY = {
-    "Engine": "parallel.engine", "ds_config": "parallel.engine",
-    "zero_init_context": "parallel.engine",
-    "init_distributed": "parallel.dist", "free_port": "parallel.dist",
-    "device_for_rank": "parallel.dist",
-    "save_checkpoint": "parallel.checkpoint", "load_checkpoint": "parallel.checkpoint",
-    "latest_complete": "parallel.checkpoint", "prune": "parallel.checkpoint",
-    "WorkerGroup": "parallel.worker_group", "LocalGroup": "parallel.worker_group",
-    "WorkerDied": "parallel.worker_group", "ensure_ray": "parallel.worker_group",
+    "Engine": "trellis.parallel.engine", "ds_config": "trellis.parallel.engine",
+    "zero_init_context": "trellis.parallel.engine",
+    "init_distributed": "trellis.parallel.dist", "free_port": "trellis.parallel.dist",
+    "device_for_rank": "trellis.parallel.dist",
+    "save_checkpoint": "trellis.parallel.checkpoint", "load_checkpoint": "trellis.parallel.checkpoint",
+    "latest_complete": "trellis.parallel.checkpoint", "prune": "trellis.parallel.checkpoint",
+    "WorkerGroup": "trellis.parallel.worker_group", "LocalGroup": "trellis.parallel.worker_group",
+    "WorkerDied": "trellis.parallel.worker_group", "ensure_ray": "trellis.parallel.worker_group",
 }
 
 __all__ = ["BatchPlan", "CheckpointConfig", "OptimConfig", "ParallelConfig", *_LAZY]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parallel.config import ParallelConfig
+from trellis.parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True)

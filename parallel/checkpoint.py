@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from parallel import dist
-from parallel.config import CheckpointConfig
-from parallel.rng import rng_state, set_rng_state
+from trellis.parallel import dist
+from trellis.parallel.config import CheckpointConfig
+from trellis.parallel.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
-    from parallel.engine import Engine
+    from trellis.parallel.engine import Engine
 
 log = logging.getLogger(__name__)
 

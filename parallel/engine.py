@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from parallel import dist
-from parallel.batch import BatchPlan
-from parallel.config import OptimConfig, ParallelConfig
-from parallel.schedule import make_lambda_lr
+from trellis.parallel import dist
+from trellis.parallel.batch import BatchPlan
+from trellis.parallel.config import OptimConfig, ParallelConfig
+from trellis.parallel.schedule import make_lambda_lr
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def apply_activation_checkpointing(model: nn.Module) -> bool:
         method(True)
         return True
     try:
-        from model.build import set_activation_checkpointing  # lazily: model/ is optional here
+        from trellis.model.build import set_activation_checkpointing  # lazily: model/ is optional here
     except ImportError:
         log.warning("activation_checkpointing requested but %s has no "
                     "set_activation_checkpointing and model.build provides none; skipped",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from functools import partial
 
-from parallel.config import OptimConfig
+from trellis.parallel.config import OptimConfig
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:

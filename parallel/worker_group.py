@@ -19,8 +19,8 @@ import importlib
 import os
 from typing import Any, Sequence
 
-from parallel import dist
-from parallel.config import ParallelConfig
+from trellis.parallel import dist
+from trellis.parallel.config import ParallelConfig
 
 # Environment the actors need but may not inherit (e.g. when joining an existing cluster);
 # set in the actor before the worker class is built, so read-at-use variables only.

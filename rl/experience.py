@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from data_pipeline.rollout import RolloutBatch, from_arrow, to_arrow
-from rl.ppo_math import KLKind, gae, masked_mean, masked_whiten, shaped_rewards
+from trellis.data_pipeline.rollout import RolloutBatch, from_arrow, to_arrow
+from trellis.rl.ppo_math import KLKind, gae, masked_mean, masked_whiten, shaped_rewards
 
 SCORES_COLUMN = "scores"
 _PROMPT = ("prompt_ids", "prompt_mask")

@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from data_pipeline.collate import PromptCollator, SFTCollator
-from model.generate import GenerationConfig, generate
-from rl.ppo_math import token_logprobs
+from trellis.data_pipeline.collate import PromptCollator, SFTCollator
+from trellis.model.generate import GenerationConfig, generate
+from trellis.rl.ppo_math import token_logprobs
 
 
 def _prompts(tok, prompts: Sequence[str], max_prompt_len: int) -> dict[str, torch.Tensor]:

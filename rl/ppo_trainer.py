@@ -22,16 +22,16 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from data_pipeline.collate import PromptCollator
-from data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow, write_parquet
-from data_pipeline.row_stream import RowStream
-from rl.experience import Experience, make_experience
-from rl.kl import make_kl_controller
-from rl.ppo_config import PPOConfig
+from trellis.data_pipeline.collate import PromptCollator
+from trellis.data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow, write_parquet
+from trellis.data_pipeline.row_stream import RowStream
+from trellis.rl.experience import Experience, make_experience
+from trellis.rl.kl import make_kl_controller
+from trellis.rl.ppo_config import PPOConfig
 
 ROLES = ("actor", "critic", "reference", "reward")
-WORKERS = {"actor": "rl.ppo_workers:ActorWorker", "critic": "rl.ppo_workers:CriticWorker",
-           "reference": "rl.ppo_workers:ReferenceWorker", "reward": "rl.ppo_workers:RewardWorker"}
+WORKERS = {"actor": "trellis.rl.ppo_workers:ActorWorker", "critic": "trellis.rl.ppo_workers:CriticWorker",
+           "reference": "trellis.rl.ppo_workers:ReferenceWorker", "reward": "trellis.rl.ppo_workers:RewardWorker"}
 
 
 def split_rows(t: dict[str, torch.Tensor], n: int) -> list[pa.RecordBatch]:
@@ -126,7 +126,7 @@ class PPOTrainer:
         c = g.critic.call_scatter_async("train", self._split(exp, g.critic.world_size), self.iteration)
         stats |= g.actor.get(a)[0] | g.critic.get(c)[0]
         phases["train"] = time.perf_counter() - t1
-        from rl.ppo_math import explained_variance
+        from trellis.rl.ppo_math import explained_variance
         stats["explained_variance"] = explained_variance(exp.values, exp.returns, exp.response_mask)
         stats["iteration_seconds"] = time.perf_counter() - t0
         stats["samples_per_second"] = exp.batch_size / stats["iteration_seconds"]
@@ -190,7 +190,7 @@ class PPOTrainer:
             old.unlink()
 
     def resume(self) -> bool:
-        from parallel import checkpoint
+        from trellis.parallel import checkpoint
         states = sorted((self.run_dir / "state").glob("iter-*.json"))
         for path in reversed(states):
             it = int(path.stem.split("-")[1])

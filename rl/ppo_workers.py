@@ -20,17 +20,17 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow
-from model.generate import GenerationConfig, generate
-from model.io import load_module
-from parallel import checkpoint, dist
-from parallel.batch import BatchPlan
-from parallel.config import OptimConfig, ParallelConfig
-from parallel.engine import Engine
-from parallel.rng import seed_all
-from rl.experience import Experience
-from rl.ppo_config import PPOConfig
-from rl.ppo_math import (entropy_from_logits, masked_mean, policy_loss, ptx_loss,
+from trellis.data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow
+from trellis.model.generate import GenerationConfig, generate
+from trellis.model.io import load_module
+from trellis.parallel import checkpoint, dist
+from trellis.parallel.batch import BatchPlan
+from trellis.parallel.config import OptimConfig, ParallelConfig
+from trellis.parallel.engine import Engine
+from trellis.parallel.rng import seed_all
+from trellis.rl.experience import Experience
+from trellis.rl.ppo_config import PPOConfig
+from trellis.rl.ppo_math import (entropy_from_logits, masked_mean, policy_loss, ptx_loss,
                          token_logprobs, value_loss)
 
 
@@ -122,8 +122,8 @@ class ActorWorker(_RoleWorker):
         super().__init__(*args, **kw)
         self.ptx = None
         if self.ppo.ptx_coef > 0:
-            from data_pipeline.config import DataConfig
-            from data_pipeline.stream import TokenStream
+            from trellis.data_pipeline.config import DataConfig
+            from trellis.data_pipeline.stream import TokenStream
             seq = min(self.model_cfg.max_seq_len, 128)
             self.ptx_stream = TokenStream(ptx_dir, DataConfig(seq_len=seq, seed=self.seed),
                                           rank=self.rank, world_size=self.world)
@@ -186,8 +186,8 @@ class ActorWorker(_RoleWorker):
         return {f"actor/{k}": v for k, v in stats.items()}
 
     def _ptx_loss(self) -> torch.Tensor:
-        from data_pipeline.collate import clm_collate
-        from model.losses import token_cross_entropy
+        from trellis.data_pipeline.collate import clm_collate
+        from trellis.model.losses import token_cross_entropy
         b = clm_collate(next(self.ptx))
         logits = self._forward(b["input_ids"], b["attention_mask"])
         return token_cross_entropy(logits, b["labels"].to(self.device))

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.head import DEFAULT_TEMP_DIR
-from cluster.metrics import MetricsConfig, MetricsLogger
-from launcher.cli import SUBCOMMANDS, build_parser
-from launcher.config import load_config
+from trellis.cluster.head import DEFAULT_TEMP_DIR
+from trellis.cluster.metrics import MetricsConfig, MetricsLogger
+from trellis.launcher.cli import SUBCOMMANDS, build_parser
+from trellis.launcher.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster" / "configs"
 SEPARATORS = {";", "&&", "||", "|", "&"}
-JOB_CONFIGS = {"pretrain": "launcher.job_config:PretrainJobConfig"}  # job -> its config class
+JOB_CONFIGS = {"pretrain": "trellis.launcher.jobs.pretrain.config:PretrainJobConfig"}  # job -> its config class
 
 
 def load(name: str):

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.head import free_port, head_processes, listening_sockets, read_state
+from trellis.cluster.head import free_port, head_processes, listening_sockets, read_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests/data/cluster_tiny.yaml"
@@ -29,7 +29,7 @@ STEPS = 300  # tests/data/cluster_tiny.yaml: long enough to be scraped while it 
 
 def trellis(*args: str, env: dict | None = None, timeout: float = 120):
     exe = Path(sys.executable).parent / "trellis"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "launcher.cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trellis.launcher.cli"]
     return subprocess.run([*cmd, *args], cwd=ROOT, env=env or CLIENT_ENV, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -86,7 +86,7 @@ def test_head_binds_only_loopback_and_enforces_token_auth(head):
 
 MIRROR = """
 import sys, ray
-from cluster.metrics import MetricsConfig, MetricsLogger
+from trellis.cluster.metrics import MetricsConfig, MetricsLogger
 ray.init(address=sys.argv[1], log_to_driver=False)
 m = MetricsLogger(sys.argv[2], MetricsConfig(port=-1, job="mirror-test"))
 m.log(3, {"loss": 4.25})  # once: MetricsLogger must keep it alive in Ray's export

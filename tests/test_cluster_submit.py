@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.head import ClusterError
-from cluster.jobs import EXCLUDES, SubmitSpec, prepare, resolve_address
+from trellis.cluster.head import ClusterError
+from trellis.cluster.ray_jobs import EXCLUDES, SubmitSpec, prepare, resolve_address
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests/data/cluster_tiny.yaml"

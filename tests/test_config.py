@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import ConfigError, dump_yaml, load_config
-from launcher.job_config import PretrainJobConfig
+from trellis.launcher.config_loader import ConfigError, dump_yaml, load_config
+from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TRELLIS = Path(sys.executable).parent / "trellis"

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.config import DataConfig, InputSource
-from data_pipeline.corpus import default_corpus_documents
-from data_pipeline.ingest import ingest
-from data_pipeline.rollout import read_parquet
-from data_pipeline.shards import DataError, load_manifest, make_token_dataset
-from data_pipeline.stream import TokenStream
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from trellis.data_pipeline.config import DataConfig, InputSource
+from trellis.data_pipeline.corpus import default_corpus_documents
+from trellis.data_pipeline.ingest import ingest
+from trellis.data_pipeline.rollout import read_parquet
+from trellis.data_pipeline.shards import DataError, load_manifest, make_token_dataset
+from trellis.data_pipeline.stream import TokenStream
+from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.collate import (IGNORE, MLMCollator, PairCollator, PromptCollator,
+from trellis.data_pipeline.collate import (IGNORE, MLMCollator, PairCollator, PromptCollator,
                                    SFTCollator, clm_collate, ranking_pairs)
-from data_pipeline.config import DataConfig
-from data_pipeline.shards import make_token_dataset
-from data_pipeline.stream import TokenStream
+from trellis.data_pipeline.config import DataConfig
+from trellis.data_pipeline.shards import make_token_dataset
+from trellis.data_pipeline.stream import TokenStream
 
 EOS, MASK = 3, 4
 

@@ -11,13 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_pipeline.config import DataConfig, InputSource
-from data_pipeline.corpus import default_corpus_documents, write_default_corpus
-from data_pipeline.ingest import ingest
-from data_pipeline.shards import DataError, load_manifest, open_shard
-from data_pipeline.stream import TokenStream
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from launcher.cli import main as trellis
+from trellis.data_pipeline.config import DataConfig, InputSource
+from trellis.data_pipeline.corpus import default_corpus_documents, write_default_corpus
+from trellis.data_pipeline.ingest import ingest
+from trellis.data_pipeline.shards import DataError, load_manifest, open_shard
+from trellis.data_pipeline.stream import TokenStream
+from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from trellis.launcher.cli import main as trellis
 
 
 @pytest.fixture(scope="module")

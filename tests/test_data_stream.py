@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.config import DataConfig, SourceConfig
-from data_pipeline.loader import batches
-from data_pipeline.shards import DataError, make_token_dataset
-from data_pipeline.stream import DataStateError, TokenStream
+from trellis.data_pipeline.config import DataConfig, SourceConfig
+from trellis.data_pipeline.loader import batches
+from trellis.data_pipeline.shards import DataError, make_token_dataset
+from trellis.data_pipeline.stream import DataStateError, TokenStream
 
 EOS = 3
 

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data_pipeline.collate import IGNORE, PairCollator, SFTCollator
-from data_pipeline.corpus import default_corpus_documents
-from data_pipeline.rollout import RolloutBatch, from_arrow, read_parquet, to_arrow, write_parquet
-from data_pipeline.structured import StructuredDataset, ingest_structured, rank_indices
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from trellis.data_pipeline.collate import IGNORE, PairCollator, SFTCollator
+from trellis.data_pipeline.corpus import default_corpus_documents
+from trellis.data_pipeline.rollout import RolloutBatch, from_arrow, read_parquet, to_arrow, write_parquet
+from trellis.data_pipeline.structured import StructuredDataset, ingest_structured, rank_indices
+from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from data_pipeline.structured import StructuredDataset, ingest_structured
-from data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
-from rl import demo_task as d
+from trellis.data_pipeline.structured import StructuredDataset, ingest_structured
+from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer
+from trellis.rl import demo_task as d
 
 SMALL = dict(n_demonstrations=30, n_comparison_prompts=20, n_train_prompts=50, n_eval_prompts=20)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GenerationConfig, ModelConfig, generate
-from model.generate import filter_logits
+from trellis.model import GPT, GenerationConfig, ModelConfig, generate
+from trellis.model.generate import filter_logits
 
 V = 61
 

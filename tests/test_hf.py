@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import (BertConfig, BertForMaskedLM as HFBertMLM, BertModel as HFBertModel,
                           GPT2Config, GPT2LMHeadModel)
 
-from model import GPT, BertForMaskedLM, ModelConfig
-from model.hf import (config_from_hf, from_hf_state_dict, hf_config, load_hf_pretrained,
+from trellis.model import GPT, BertForMaskedLM, ModelConfig
+from trellis.model.hf import (config_from_hf, from_hf_state_dict, hf_config, load_hf_pretrained,
                       save_hf_pretrained, to_hf_state_dict)
 
 TOL = 1e-5

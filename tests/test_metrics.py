@@ -13,8 +13,8 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from cluster.metrics import MetricsConfig, MetricsLogger, metric_name
-from launcher.config import ConfigError, load_config
+from trellis.cluster.metrics import MetricsConfig, MetricsLogger, metric_name
+from trellis.launcher.config_loader import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, BertForMaskedLM, KVCache, ModelConfig, set_activation_checkpointing
+from trellis.model import GPT, BertForMaskedLM, KVCache, ModelConfig, set_activation_checkpointing
 
 
 def _gpt(**kw) -> GPT:

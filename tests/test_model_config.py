@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from launcher.config import ConfigError, load_config
-from model import (GPT, Bert, BertForMaskedLM, BertForSequenceClassification, ModelConfig,
+from trellis.launcher.config_loader import ConfigError, load_config
+from trellis.model import (GPT, Bert, BertForMaskedLM, BertForSequenceClassification, ModelConfig,
                    ScoreModel, ValueModel, build_model)
-from model.flops import count_params, flops_per_token
-from model.presets import PRESETS
+from trellis.model.flops import count_params, flops_per_token
+from trellis.model.presets import PRESETS
 
 
 def test_gpt2_preset_has_124m_params():

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model import BertForMaskedLM, ModelConfig, build_model
-from model.heads import last_token_index, load_trunk_state_dict
+from trellis.model import BertForMaskedLM, ModelConfig, build_model
+from trellis.model.heads import last_token_index, load_trunk_state_dict
 
 
 def _pad(seq: torch.Tensor, T: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

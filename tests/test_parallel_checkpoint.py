@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from parallel import checkpoint as ckpt
-from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
-from parallel.engine import Engine
-from parallel.rng import rng_state, seed_all, set_rng_state
+from trellis.parallel import checkpoint as ckpt
+from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+from trellis.parallel.engine import Engine
+from trellis.parallel.rng import rng_state, seed_all, set_rng_state
 
 VOCAB = 32
 

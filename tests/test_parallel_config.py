@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from launcher.config import ConfigError, load_config
-from parallel.batch import BatchPlan
-from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
-from parallel.schedule import lr_at, lr_factor
+from trellis.launcher.config_loader import ConfigError, load_config
+from trellis.parallel.batch import BatchPlan
+from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+from trellis.parallel.schedule import lr_at, lr_factor
 
 
 @dataclass
@@ -111,7 +111,7 @@ def test_warmup_then_cosine_to_min_ratio():
 
 
 def test_ds_config_follows_our_config_and_batch_plan():
-    from parallel.engine import ds_config
+    from trellis.parallel.engine import ds_config
     opt = OptimConfig(lr=1e-3, weight_decay=0.05, grad_clip=0.5, betas=[0.8, 0.9])
     par = ParallelConfig(num_workers=2, zero_stage=3, offload_optimizer=True,
                          offload_params=True, precision="bf16", micro_batch_size=4, grad_accum=3)

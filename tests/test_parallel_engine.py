@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from parallel.config import OptimConfig, ParallelConfig
-from parallel.engine import Engine, param_groups, zero_init_context
-from parallel.schedule import make_lambda_lr
-from parallel.worker_group import LocalGroup, WorkerDied
+from trellis.parallel.config import OptimConfig, ParallelConfig
+from trellis.parallel.engine import Engine, param_groups, zero_init_context
+from trellis.parallel.schedule import make_lambda_lr
+from trellis.parallel.worker_group import LocalGroup, WorkerDied
 
 VOCAB = 32
 

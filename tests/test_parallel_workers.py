@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from parallel import checkpoint as ckpt
-from parallel import dist
-from parallel.config import OptimConfig, ParallelConfig
-from parallel.engine import Engine
-from parallel.worker_group import LocalGroup, WorkerDied, WorkerGroup, ensure_ray
+from trellis.parallel import checkpoint as ckpt
+from trellis.parallel import dist
+from trellis.parallel.config import OptimConfig, ParallelConfig
+from trellis.parallel.engine import Engine
+from trellis.parallel.worker_group import LocalGroup, WorkerDied, WorkerGroup, ensure_ray
 
 ray = pytest.importorskip("ray")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.metrics import MetricsConfig, MetricsLogger
-from launcher.plot import PlotError, plot_run, read_metrics
+from trellis.cluster.metrics import MetricsConfig, MetricsLogger
+from trellis.launcher.commands.plot import PlotError, plot_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _write_run(run_dir: Path) -> None:
 def test_plot_writes_png_per_curve(tmp_path):
     run = tmp_path / "run"
     _write_run(run)
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "plot", str(run)],
+    proc = subprocess.run([sys.executable, "-m", "trellis.launcher.cli", "plot", str(run)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     expected = ["train_loss", "train_lr", "train_tokens_per_second", "train_grad_norm",
@@ -82,7 +82,7 @@ def test_truncated_row_is_an_error(tmp_path):
 
 
 def test_not_a_run_dir(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "plot", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "trellis.launcher.cli", "plot", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "no metrics CSV files" in proc.stderr and str(tmp_path) in proc.stderr

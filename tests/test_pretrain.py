@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import load_config
-from launcher.job_config import PretrainJobConfig
-from launcher.pretrain import pretrain
-from launcher.pretrain_data import prepare_data
+from trellis.launcher.config_loader import load_config
+from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
+from trellis.launcher.jobs.pretrain.driver import pretrain
+from trellis.launcher.jobs.pretrain.data import prepare_data
 
 STEPS = 20
 
@@ -27,7 +27,7 @@ STEPS = 20
 def ray_local():
     import ray
 
-    from parallel.worker_group import ensure_ray
+    from trellis.parallel.worker_group import ensure_ray
     ensure_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
@@ -84,8 +84,8 @@ def test_zero2_lowers_loss_and_writes_checkpoints(zero2_run):
 
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stages_train_and_zero3_partitions(tmp_path, corpus, ray_local, stage):
-    from launcher.pretrain import pretrain_spec
-    from launcher.train_loop import make_group
+    from trellis.launcher.jobs.pretrain.driver import pretrain_spec
+    from trellis.launcher.driver_loop import make_group
 
     cfg = job(tmp_path, corpus, "parallel.num_workers=2", f"parallel.zero_stage={stage}",
               "train.steps=10")
@@ -170,9 +170,9 @@ def test_failures_beyond_budget_fail_clearly(tmp_path, corpus, ray_local):
 def test_export_after_zero3_matches_transformers(tmp_path, corpus, ray_local):
     from transformers import GPT2LMHeadModel
 
-    from launcher.export import export
-    from launcher.pretrain import pretrain_spec
-    from launcher.train_loop import make_group
+    from trellis.launcher.jobs.export.driver import export
+    from trellis.launcher.jobs.pretrain.driver import pretrain_spec
+    from trellis.launcher.driver_loop import make_group
 
     cfg = job(tmp_path, corpus, "parallel.num_workers=2", "parallel.zero_stage=3",
               "train.steps=5")
@@ -204,8 +204,8 @@ def test_local_equals_one_worker_ray_group(tmp_path, corpus, ray_local):
 
 
 def test_mlm_then_distill_lower_losses(tmp_path, corpus, ray_local):
-    from launcher.export import export
-    from model.hf import load_hf_pretrained
+    from trellis.launcher.jobs.export.driver import export
+    from trellis.model.hf import load_hf_pretrained
 
     teacher_dir = tmp_path / "teacher"
     mlm = job(teacher_dir, corpus, "train.objective=mlm", "parallel.num_workers=2",

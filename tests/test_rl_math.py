@@ -7,14 +7,14 @@ import pyarrow as pa
 import pytest
 import torch
 
-from data_pipeline.collate import PairCollator, ranking_pairs
-from data_pipeline.rollout import from_arrow as rollout_from_arrow
-from rl.experience import Experience, make_experience
-from rl.kl import AdaptiveKLController, FixedKLController, make_kl_controller
-from rl.ppo_math import (entropy_from_logits, explained_variance, gae, kl_penalty,
+from trellis.data_pipeline.collate import PairCollator, ranking_pairs
+from trellis.data_pipeline.rollout import from_arrow as rollout_from_arrow
+from trellis.rl.experience import Experience, make_experience
+from trellis.rl.kl import AdaptiveKLController, FixedKLController, make_kl_controller
+from trellis.rl.ppo_math import (entropy_from_logits, explained_variance, gae, kl_penalty,
                          masked_mean, masked_var, masked_whiten, policy_loss, shaped_rewards,
                          token_logprobs, value_loss)
-from rl.rm_loss import pairs_from_collator, pairwise_rm_loss
+from trellis.rl.rm_loss import pairs_from_collator, pairwise_rm_loss
 
 approx = pytest.approx
 

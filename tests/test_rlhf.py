@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.config import ConfigError, load_config
-from launcher.pipeline import run_stages
-from launcher.pipeline_config import PipelineConfig
-from launcher.ppo_config import PPOJobConfig
+from trellis.launcher.config_loader import ConfigError, load_config
+from trellis.launcher.jobs.pipeline.driver import run_stages
+from trellis.launcher.jobs.pipeline.config import PipelineConfig
+from trellis.launcher.jobs.ppo.config import PPOJobConfig
 
 # Small enough for CI on 2 cores, large enough that every stage learns something.
 STAGES = ["model.preset=gpt-tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64",
@@ -34,7 +34,7 @@ def chain(tmp_path_factory) -> dict[str, Path]:
 def ray_local():
     import ray
 
-    from parallel.worker_group import ensure_ray
+    from trellis.parallel.worker_group import ensure_ray
     ensure_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
@@ -69,8 +69,8 @@ def test_reward_model_ranks_held_out_pairs(chain):
 
 
 def test_tie_makes_no_pair():
-    from data_pipeline.collate import ranking_pairs
-    from rl.rm_loss import pairwise_rm_loss
+    from trellis.data_pipeline.collate import ranking_pairs
+    from trellis.rl.rm_loss import pairwise_rm_loss
     # D > C > A = B as ranks per response [A, B, C, D] = [2, 2, 1, 0]: 5 pairs, not 6.
     pairs = ranking_pairs([2, 2, 1, 0])
     assert sorted(pairs) == sorted([(2, 0), (2, 1), (3, 0), (3, 1), (3, 2)])
@@ -82,7 +82,7 @@ def test_tie_makes_no_pair():
 
 
 def test_ppo_four_groups_separate_raises_reward_under_kl_bound(chain, tmp_path, ray_local):
-    from launcher.ppo import ppo
+    from trellis.launcher.jobs.ppo.driver import ppo
     cfg = ppo_job(chain, tmp_path, "ppo.iterations=12", "placement=separate",
                   "actor.parallel.num_workers=2", "actor.parallel.zero_stage=2",
                   "critic.parallel.num_workers=2", "critic.parallel.zero_stage=1",
@@ -113,7 +113,7 @@ def test_ppo_four_groups_separate_raises_reward_under_kl_bound(chain, tmp_path, 
 
 
 def test_ppo_colocated_runs(chain, tmp_path, ray_local):
-    from launcher.ppo import ppo
+    from trellis.launcher.jobs.ppo.driver import ppo
     res = ppo(ppo_job(chain, tmp_path, "ppo.iterations=2", "placement=colocate",
                       "ppo.eval_prompts=0"))
     assert res["iteration"] == 2
@@ -121,7 +121,7 @@ def test_ppo_colocated_runs(chain, tmp_path, ray_local):
 
 
 def test_ppo_resume_reproduces_next_iteration(chain, tmp_path):
-    from launcher.ppo import ppo
+    from trellis.launcher.jobs.ppo.driver import ppo
     straight = tmp_path / "straight"
     ppo(ppo_job(chain, straight, "ppo.iterations=3", "ppo.eval_prompts=0"), local=True)
     resumed = tmp_path / "resumed"
@@ -136,7 +136,7 @@ def test_ppo_resume_reproduces_next_iteration(chain, tmp_path):
 
 
 def test_prompt_longer_than_context_is_a_clear_error(chain, tmp_path):
-    from launcher.ppo import ppo
+    from trellis.launcher.jobs.ppo.driver import ppo
     long = tmp_path / "long.jsonl"
     long.write_text(json.dumps({"prompt": "sort: apple fig ="}) + "\n" +
                     json.dumps({"prompt": "sort: " + " ".join(["apple"] * 40) + " ="}) + "\n")
@@ -147,8 +147,8 @@ def test_prompt_longer_than_context_is_a_clear_error(chain, tmp_path):
 
 
 def test_bad_comparisons_are_counted_and_named(chain, tmp_path, capsys):
-    from launcher.finetune import rm
-    from launcher.finetune_config import RMJobConfig
+    from trellis.launcher.jobs.finetune.driver import rm
+    from trellis.launcher.jobs.finetune.config import RMJobConfig
     bad = tmp_path / "bad.jsonl"
     good = {"prompt": "sort: pear fig =", "responses": ["fig pear", "pear fig"], "ranking": [0, 1]}
     lines = [good] * 40 + [
@@ -167,7 +167,7 @@ def test_bad_comparisons_are_counted_and_named(chain, tmp_path, capsys):
 
 
 def test_pipeline_refuses_a_run_dir_made_with_another_task(chain):
-    from launcher.pipeline import prepare_task
+    from trellis.launcher.jobs.pipeline.driver import prepare_task
     root = chain["task"].parent
     other = load_config(PipelineConfig, None, [f"run_dir={root}", *STAGES, "task.k_responses=5"])
     with pytest.raises(ConfigError, match="made with another task config"):

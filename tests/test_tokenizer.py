@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.corpus import default_corpus_documents, load_default_corpus, write_default_corpus
-from data_pipeline.tokenizer import (Tokenizer, TokenizerConfig, TokenizerError,
+from trellis.data_pipeline.corpus import default_corpus_documents, load_default_corpus, write_default_corpus
+from trellis.data_pipeline.tokenizer import (Tokenizer, TokenizerConfig, TokenizerError,
                                      train_tokenizer)
 
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cluster.metrics import MetricsLogger
-from launcher.progress import progress
-from parallel import checkpoint
-from parallel.peak import current_device_name, peak_flops
-from parallel.worker_group import LocalGroup, WorkerDied, WorkerGroup, ensure_ray
+from trellis.cluster.metrics import MetricsLogger
+from trellis.launcher.progress import progress
+from trellis.parallel import checkpoint
+from trellis.parallel.peak import current_device_name, peak_flops
+from trellis.parallel.worker_group import LocalGroup, WorkerDied, WorkerGroup, ensure_ray
 
 
 @dataclass

@@ -4,9 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.metrics import MetricsConfig
-from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
-from rl.ppo_config import PPOConfig
+from trellis.cluster.metrics import MetricsConfig
+from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+from trellis.rl.ppo_config import PPOConfig
 
 
 @dataclass

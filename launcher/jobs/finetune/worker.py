@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 
-from data_pipeline.collate import PairCollator, SFTCollator
-from data_pipeline.row_stream import RowStream
-from data_pipeline.structured import StructuredDataset
-from launcher.config import from_dict
-from launcher.engine_worker import EngineWorker
-from launcher.finetune_config import RMJobConfig, SFTJobConfig
-from model.io import load_module
-from model.losses import token_cross_entropy
-from parallel import dist
-from parallel.rng import seed_all
-from rl.rm_loss import pairs_from_collator, pairwise_rm_loss
+from trellis.data_pipeline.collate import PairCollator, SFTCollator
+from trellis.data_pipeline.row_stream import RowStream
+from trellis.data_pipeline.structured import StructuredDataset
+from trellis.launcher.config_loader import from_dict
+from trellis.parallel.engine_worker import EngineWorker
+from trellis.launcher.jobs.finetune.config import RMJobConfig, SFTJobConfig
+from trellis.model.io import load_module
+from trellis.model.losses import token_cross_entropy
+from trellis.parallel import dist
+from trellis.parallel.rng import seed_all
+from trellis.rl.rm_loss import pairs_from_collator, pairwise_rm_loss
 
 
 class _RowWorker(EngineWorker):

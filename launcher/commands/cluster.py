@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.head import (DEFAULT_TEMP_DIR, ClusterError, HeadConfig, head_processes,
+from trellis.cluster.head import (DEFAULT_TEMP_DIR, ClusterError, HeadConfig, head_processes,
                           read_state, start_head, stop_head)
 
 

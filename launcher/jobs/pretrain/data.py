@@ -12,12 +12,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.corpus import default_corpus_documents, write_default_corpus
-from data_pipeline.ingest import ingest
-from data_pipeline.shards import MANIFEST_NAME
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from launcher.config import ConfigError
-from launcher.job_config import PretrainJobConfig
+from trellis.data_pipeline.corpus import default_corpus_documents, write_default_corpus
+from trellis.data_pipeline.ingest import ingest
+from trellis.data_pipeline.shards import MANIFEST_NAME
+from trellis.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from trellis.launcher.config_loader import ConfigError
+from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
 
 SAMPLE_PROMPT = "The Python language"
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from launcher.config import ConfigError, load_config
+from trellis.launcher.config_loader import ConfigError, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from launcher.cli import add_job_arguments
+    from trellis.launcher.cli import add_job_arguments
     add_job_arguments(p)
     p.add_argument("inputs", nargs="*", help="files, directories or globs (one source)")
     p.add_argument("--out", help="output folder (config key out_dir)")
@@ -51,10 +51,10 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.config import IngestConfig, InputSource
-    from data_pipeline.ingest_job import ingest_from_config
-    from data_pipeline.shards import DataError
-    from data_pipeline.tokenizer import TokenizerError
+    from trellis.data_pipeline.config import IngestConfig, InputSource
+    from trellis.data_pipeline.ingest_job import ingest_from_config
+    from trellis.data_pipeline.shards import DataError
+    from trellis.data_pipeline.tokenizer import TokenizerError
 
     cfg = load_config(IngestConfig, args.config, _overrides(args))
     if args.inputs:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.config import ConfigError
-from model.io import META, is_module_dir, load_full_state_dict, save_module
+from trellis.launcher.config_loader import ConfigError
+from trellis.model.io import META, is_module_dir, load_full_state_dict, save_module
 
 RUN_MODEL = "run_model.json"  # written by every training job: {model, head, engine}
 
@@ -19,10 +19,10 @@ def write_run_model(run_dir: Path, model_cfg: dict, head: str, engine: str = "mo
 
 def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """A training run's checkpoint (latest complete, or `step`) -> trellis weight files."""
-    from launcher.export import find_checkpoint
-    from model.build import build_model
-    from model.config import ModelConfig
-    from parallel.engine import Engine
+    from trellis.launcher.jobs.export.driver import find_checkpoint
+    from trellis.model.build import build_model
+    from trellis.model.config import ModelConfig
+    from trellis.parallel.engine import Engine
 
     run_dir = Path(run_dir)
     meta_file = run_dir / RUN_MODEL
@@ -52,7 +52,7 @@ def materialize(source: str | Path, dest: str | Path) -> Path:
     if (source / RUN_MODEL).is_file():
         return consolidate_run(source, dest)
     if (source / "config.json").is_file():
-        from model.hf import load_hf_pretrained
+        from trellis.model.hf import load_hf_pretrained
         module, cfg = load_hf_pretrained(source)
         head = "lm" if cfg.arch == "gpt" else "mlm"
         out = save_module(module, cfg, head, dest, {"source": str(source)})

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.metrics import MetricsConfig
-from launcher.job_config import LoopConfig
-from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+from trellis.cluster.metrics import MetricsConfig
+from trellis.launcher.jobs.pretrain.config import LoopConfig
+from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cluster.metrics import MetricsConfig
-from data_pipeline.config import DataConfig
-from data_pipeline.tokenizer import TokenizerConfig
-from model.config import ModelConfig
-from parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
+from trellis.cluster.metrics import MetricsConfig
+from trellis.data_pipeline.config import DataConfig
+from trellis.data_pipeline.tokenizer import TokenizerConfig
+from trellis.model.config import ModelConfig
+from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any, Iterator, TextIO
 
 import yaml
 
-from cluster.head import DEFAULT_TEMP_DIR, ClusterError, read_state, use_token_auth
+from trellis.cluster.head import DEFAULT_TEMP_DIR, ClusterError, read_state, use_token_auth
 
 # gitignore-style, relative to the working dir (anchored with '/' so tests/data stays).
 EXCLUDES = ["/.venv", "/build", "/runs", "/.git", "/data", "/.pytest_cache", "*.egg-info",
@@ -79,7 +79,7 @@ def connect(address: str | None = None, temp_dir: str = DEFAULT_TEMP_DIR):
 
 def job_kind(config: Path, flag: str = "") -> str:
     """The job subcommand: --job, else the YAML's top-level `job:` key, else pretrain."""
-    from launcher.cli import SUBCOMMANDS
+    from trellis.launcher.cli import SUBCOMMANDS
 
     kind = flag
     if not kind:

@@ -8,16 +8,16 @@ from typing import Any
 
 import torch
 
-from data_pipeline.collate import MLMCollator, clm_collate
-from data_pipeline.stream import TokenStream
-from launcher.config import from_dict
-from launcher.engine_worker import EngineWorker
-from launcher.job_config import PretrainJobConfig
-from model.build import build_model
-from model.generate import GenerationConfig, generate
-from model.losses import distillation_loss, token_cross_entropy
-from parallel import dist
-from parallel.rng import seed_all
+from trellis.data_pipeline.collate import MLMCollator, clm_collate
+from trellis.data_pipeline.stream import TokenStream
+from trellis.launcher.config_loader import from_dict
+from trellis.parallel.engine_worker import EngineWorker
+from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
+from trellis.model.build import build_model
+from trellis.model.generate import GenerationConfig, generate
+from trellis.model.losses import distillation_loss, token_cross_entropy
+from trellis.parallel import dist
+from trellis.parallel.rng import seed_all
 
 
 class PretrainWorker(EngineWorker):
@@ -42,14 +42,14 @@ class PretrainWorker(EngineWorker):
 
     # ---- models --------------------------------------------------------------------------
     def _load_teacher(self, teacher_dir: str) -> torch.nn.Module:
-        from model.io import load_module
+        from trellis.model.io import load_module
 
         teacher, self.teacher_cfg, _ = load_module(teacher_dir)
         return teacher.eval().requires_grad_(False)
 
     def _build_student(self, c: PretrainJobConfig) -> torch.nn.Module:
         """DistilBERT: half the teacher's depth, initialised from every other teacher layer."""
-        from model.distill import init_student_from_teacher
+        from trellis.model.distill import init_student_from_teacher
 
         return init_student_from_teacher(self.teacher, self.teacher_cfg, c.model.dropout)
 

@@ -6,8 +6,8 @@ import argparse
 import os
 from typing import Any
 
-from launcher.cli import add_job_arguments
-from launcher.config import ConfigError, load_config
+from trellis.launcher.cli import add_job_arguments
+from trellis.launcher.config_loader import ConfigError, load_config
 
 
 def add_run_arguments(p: argparse.ArgumentParser, recovery: bool = True) -> None:

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, dump_yaml
-from launcher.job_common import add_run_arguments, cpu_defaults, print_result, resolve_config
-from launcher.job_config import PretrainJobConfig
+from trellis.launcher.config_loader import ConfigError, dump_yaml
+from trellis.launcher.job_flags import add_run_arguments, cpu_defaults, print_result, resolve_config
+from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def pretrain(cfg: PretrainJobConfig, local: bool = False,
              address: str | None = None) -> dict[str, Any]:
     """Prepare the data, train, and return the final metrics (step, loss, val_*, sample)."""
-    from launcher.train_loop import train_with_recovery
+    from trellis.launcher.driver_loop import train_with_recovery
 
     return train_with_recovery(cfg, pretrain_spec(cfg), Path(cfg.run_dir), local=local,
                                address=address)
@@ -28,10 +28,10 @@ def pretrain(cfg: PretrainJobConfig, local: bool = False,
 
 def pretrain_spec(cfg: PretrainJobConfig) -> Any:
     """Prepare the run dir (data, tokenizer, teacher, config) and describe the workers."""
-    from launcher.pretrain_data import prepare_data
-    from launcher.run_model import materialize, write_run_model
-    from launcher.train_loop import LoopSpec
-    from model.flops import flops_per_token
+    from trellis.launcher.jobs.pretrain.data import prepare_data
+    from trellis.launcher.weights import materialize, write_run_model
+    from trellis.launcher.driver_loop import LoopSpec
+    from trellis.model.flops import flops_per_token
 
     cpu_defaults()
     run_dir = Path(cfg.run_dir)
@@ -46,14 +46,14 @@ def pretrain_spec(cfg: PretrainJobConfig) -> Any:
               "val_dir": str(data.val_dir) if data.val_dir else None, "run_dir": str(run_dir),
               "tokenizer_sha256": data.tokenizer_sha256}
     if cfg.train.objective == "distill":
-        from model.distill import student_config
-        from model.io import read_meta
-        from model.config import ModelConfig
+        from trellis.model.distill import student_config
+        from trellis.model.io import read_meta
+        from trellis.model.config import ModelConfig
         teacher = materialize(cfg.distill.teacher, run_dir / "teacher")
         kwargs["teacher_dir"] = str(teacher)
         model_cfg = student_config(ModelConfig(**read_meta(teacher)["model"]), cfg.model.dropout)
     write_run_model(run_dir, dataclasses.asdict(model_cfg), head)
-    return LoopSpec(role="pretrain", worker="launcher.pretrain_worker:PretrainWorker",
+    return LoopSpec(role="pretrain", worker="trellis.launcher.jobs.pretrain.worker:PretrainWorker",
                     worker_kwargs=kwargs,
                     flops_per_token=flops_per_token(model_cfg, cfg.data.seq_len),
                     finish=_sampler(cfg, data) if cfg.model.arch == "gpt" else None)
@@ -63,7 +63,7 @@ def _sampler(cfg: PretrainJobConfig, data: Any):
     def finish(group: Any) -> dict[str, Any]:
         if not cfg.train.sample_tokens:
             return {}
-        from data_pipeline.tokenizer import Tokenizer
+        from trellis.data_pipeline.tokenizer import Tokenizer
         tok = Tokenizer(data.tokenizer_path)
         out = group.call("sample", tok.encode(data.sample_prompt), cfg.train.sample_tokens,
                          tok.eos_id)[0]
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:  # python -m launcher.pretrain
-    from launcher.cli import main as cli_main
+    from trellis.launcher.cli import main as cli_main
     return cli_main(["pretrain", *(argv if argv is not None else sys.argv[1:])])
 
 

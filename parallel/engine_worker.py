@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from parallel import checkpoint, dist
-from parallel.batch import BatchPlan
-from parallel.engine import Engine
+from trellis.parallel import checkpoint, dist
+from trellis.parallel.batch import BatchPlan
+from trellis.parallel.engine import Engine
 
 
 class EngineWorker:

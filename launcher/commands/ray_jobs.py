@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cluster.head import DEFAULT_TEMP_DIR, ClusterError
+from trellis.cluster.head import DEFAULT_TEMP_DIR, ClusterError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _submit_arguments(p: argparse.ArgumentParser) -> None:
-    from launcher.cli import add_job_arguments
+    from trellis.launcher.cli import add_job_arguments
 
     add_job_arguments(p)
     _common(p)
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace):
-    from cluster.jobs import connect
+    from trellis.cluster.ray_jobs import connect
     return connect(args.address, args.temp_dir)
 
 
@@ -100,7 +100,7 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from trellis.cluster import jobs
 
     if not args.config:
         raise ClusterError("--config is required")
@@ -123,7 +123,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from trellis.cluster import jobs
 
     client = _client(args)
     try:
@@ -135,7 +135,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from trellis.cluster import jobs
 
     client = _client(args)
     if args.wait:
@@ -146,7 +146,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from trellis.cluster import jobs
 
     client = _client(args)
     if args.follow:
@@ -157,7 +157,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from cluster import jobs
+    from trellis.cluster import jobs
 
     client = _client(args)
     stopped = jobs.stop(client, args.submission_id)

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, load_config
-from launcher.job_common import add_run_arguments, resolve_config
-from launcher.pipeline_config import PipelineConfig, StageConfig
+from trellis.launcher.config_loader import ConfigError, load_config
+from trellis.launcher.job_flags import add_run_arguments, resolve_config
+from trellis.launcher.jobs.pipeline.config import PipelineConfig, StageConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def _stage(s: StageConfig, run_dir: Path, metrics_port: int = -1) -> list[str]:
 
 
 def _done(run_dir: Path, step: int) -> bool:
-    from parallel.checkpoint import step_dir
+    from trellis.parallel.checkpoint import step_dir
     return (step_dir(run_dir, step) / "COMPLETE").is_file()
 
 
@@ -44,11 +44,11 @@ def _banner(name: str, skipped: bool = False) -> None:
 
 def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
     """Task data, the tokenizer trained on task text, and the ingested pretraining corpus."""
-    from data_pipeline.config import InputSource
-    from data_pipeline.ingest import ingest
-    from data_pipeline.shards import MANIFEST_NAME
-    from data_pipeline.tokenizer import train_tokenizer
-    from rl.demo_task import write_demo_data, write_pretrain_corpus
+    from trellis.data_pipeline.config import InputSource
+    from trellis.data_pipeline.ingest import ingest
+    from trellis.data_pipeline.shards import MANIFEST_NAME
+    from trellis.data_pipeline.tokenizer import train_tokenizer
+    from trellis.rl.demo_task import write_demo_data, write_pretrain_corpus
 
     task = root / "task"
     meta = task / "demo_task.json"
@@ -76,16 +76,16 @@ def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
 
 def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = None,
                ppo_stage: bool = True) -> dict[str, Path]:
-    from launcher.finetune import rm, sft
-    from launcher.finetune_config import RMJobConfig, SFTJobConfig
-    from launcher.job_config import PretrainJobConfig
-    from launcher.pretrain import pretrain
+    from trellis.launcher.jobs.finetune.driver import rm, sft
+    from trellis.launcher.jobs.finetune.config import RMJobConfig, SFTJobConfig
+    from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
+    from trellis.launcher.jobs.pretrain.driver import pretrain
 
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     p = prepare_task(cfg, root)
     dirs = {s: root / s for s in ("pretrain", "sft", "rm", "ppo")}
-    from data_pipeline.tokenizer import Tokenizer
+    from trellis.data_pipeline.tokenizer import Tokenizer
     m = cfg.model
     vocab = Tokenizer(p["tokenizer"]).vocab_size  # SentencePiece may stop below the request
     done = _done(dirs["pretrain"], cfg.pretrain.steps)
@@ -125,11 +125,11 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
     out = root / "task_sft" / "comparisons.jsonl"
     if out.is_file():
         return out
-    from data_pipeline.tokenizer import Tokenizer
-    from launcher.run_model import materialize
-    from model.io import load_module
-    from rl.demo_task import corrupt, write_demo_data
-    from rl.policy_eval import sample_k
+    from trellis.data_pipeline.tokenizer import Tokenizer
+    from trellis.launcher.weights import materialize
+    from trellis.model.io import load_module
+    from trellis.rl.demo_task import corrupt, write_demo_data
+    from trellis.rl.policy_eval import sample_k
 
     policy, _, _ = load_module(materialize(sft_dir, root / "eval" / "sft"))
     tok = Tokenizer(p["tokenizer"])
@@ -149,8 +149,8 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
 
 def run_ppo(cfg: PipelineConfig, dirs: dict[str, Path], p: dict, local: bool,
             address: str | None) -> None:
-    from launcher.ppo import ppo
-    from launcher.ppo_config import PPOJobConfig
+    from trellis.launcher.jobs.ppo.driver import ppo
+    from trellis.launcher.jobs.ppo.config import PPOJobConfig
 
     state = dirs["ppo"] / "state" / f"iter-{cfg.ppo.iterations:06d}.json"
     _banner("PPO", state.is_file())
@@ -171,11 +171,11 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Path]) -> dict[str, Any]:
     """The results table: each policy's held-out task score and RM reward, PPO's KL."""
     import json as _json
 
-    from data_pipeline.tokenizer import Tokenizer
-    from launcher.run_model import materialize
-    from model.io import load_module
-    from rl.demo_task import mean_score
-    from rl.policy_eval import kl_to_reference, respond, rm_scores
+    from trellis.data_pipeline.tokenizer import Tokenizer
+    from trellis.launcher.weights import materialize
+    from trellis.model.io import load_module
+    from trellis.rl.demo_task import mean_score
+    from trellis.rl.policy_eval import kl_to_reference, respond, rm_scores
 
     root = Path(cfg.run_dir)
     tok = Tokenizer(dirs["tokenizer"])
@@ -210,8 +210,8 @@ def print_table(rows: dict[str, Any], n_prompts: int) -> None:
 
 
 def pipeline(cfg: PipelineConfig, local: bool = False, address: str | None = None) -> dict:
-    from launcher.export import export
-    from launcher.job_common import cpu_defaults
+    from trellis.launcher.jobs.export.driver import export
+    from trellis.launcher.job_flags import cpu_defaults
 
     cpu_defaults()
     t0 = time.perf_counter()

@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, dump_yaml
-from launcher.job_common import add_run_arguments, cpu_defaults, resolve_config
-from launcher.ppo_config import PPOJobConfig
+from trellis.launcher.config_loader import ConfigError, dump_yaml
+from trellis.launcher.job_flags import add_run_arguments, cpu_defaults, resolve_config
+from trellis.launcher.jobs.ppo.config import PPOJobConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _weights(cfg: PPOJobConfig, run_dir: Path) -> dict[str, Path]:
-    from launcher.run_model import materialize
+    from trellis.launcher.weights import materialize
     actor = materialize(cfg.actor_init, run_dir / "init" / "actor")
     reward = materialize(cfg.reward_init, run_dir / "init" / "reward")
     return {"actor": actor, "reward": reward,
@@ -28,7 +28,7 @@ def _weights(cfg: PPOJobConfig, run_dir: Path) -> dict[str, Path]:
 
 
 def _tokenizer(weights: dict[str, Path]) -> Any:
-    from data_pipeline.tokenizer import Tokenizer
+    from trellis.data_pipeline.tokenizer import Tokenizer
     files = {r: w / "tokenizer.model" for r, w in weights.items()}
     missing = [f"{r} ({f.parent})" for r, f in files.items() if not f.is_file()]
     if missing:
@@ -73,8 +73,8 @@ def _group_kwargs(cfg: PPOJobConfig, role: str, weights: dict[str, Path], run_di
 
 def make_groups(cfg: PPOJobConfig, weights: dict[str, Path], run_dir: Path, local: bool,
                 address: str | None) -> Any:
-    from parallel.worker_group import LocalGroup, WorkerGroup, ensure_ray
-    from rl.ppo_trainer import ROLES, WORKERS, Groups
+    from trellis.parallel.worker_group import LocalGroup, WorkerGroup, ensure_ray
+    from trellis.rl.ppo_trainer import ROLES, WORKERS, Groups
 
     kwargs = {r: _group_kwargs(cfg, r, weights, run_dir) for r in ROLES}
     if local:
@@ -103,13 +103,13 @@ def make_groups(cfg: PPOJobConfig, weights: dict[str, Path], run_dir: Path, loca
 
 
 def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> dict[str, Any]:
-    from cluster.metrics import MetricsLogger
-    from data_pipeline.structured import StructuredDataset
-    from launcher.finetune import prepare_rows
-    from launcher.progress import progress
-    from launcher.run_model import write_run_model
-    from model.io import read_meta
-    from rl.ppo_trainer import PPOTrainer
+    from trellis.cluster.metrics import MetricsLogger
+    from trellis.data_pipeline.structured import StructuredDataset
+    from trellis.launcher.jobs.finetune.driver import prepare_rows
+    from trellis.launcher.progress import progress
+    from trellis.launcher.weights import write_run_model
+    from trellis.model.io import read_meta
+    from trellis.rl.ppo_trainer import PPOTrainer
 
     cpu_defaults()
     if local:

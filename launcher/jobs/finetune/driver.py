@@ -12,9 +12,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError, dump_yaml
-from launcher.finetune_config import RMJobConfig, SFTJobConfig
-from launcher.job_common import add_run_arguments, cpu_defaults, print_result, resolve_config
+from trellis.launcher.config_loader import ConfigError, dump_yaml
+from trellis.launcher.jobs.finetune.config import RMJobConfig, SFTJobConfig
+from trellis.launcher.job_flags import add_run_arguments, cpu_defaults, print_result, resolve_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,8 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def prepare_rows(source: str, kind: str, tokenizer: Any, dest: Path) -> Path:
     """An ingested folder as is, or files ingested (once) into `dest` with `tokenizer`."""
-    from data_pipeline.shards import MANIFEST_NAME
-    from data_pipeline.structured import ingest_structured
+    from trellis.data_pipeline.shards import MANIFEST_NAME
+    from trellis.data_pipeline.structured import ingest_structured
 
     src = Path(source)
     if (src / MANIFEST_NAME).is_file():
@@ -36,11 +36,11 @@ def prepare_rows(source: str, kind: str, tokenizer: Any, dest: Path) -> Path:
 
 
 def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, Any]]:
-    from data_pipeline.row_stream import split_rows
-    from data_pipeline.structured import StructuredDataset
-    from data_pipeline.tokenizer import Tokenizer
-    from launcher.run_model import materialize, write_run_model
-    from model.io import read_meta
+    from trellis.data_pipeline.row_stream import split_rows
+    from trellis.data_pipeline.structured import StructuredDataset
+    from trellis.data_pipeline.tokenizer import Tokenizer
+    from trellis.launcher.weights import materialize, write_run_model
+    from trellis.model.io import read_meta
 
     cpu_defaults()
     run_dir = Path(cfg.run_dir)
@@ -69,20 +69,20 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
 
 
 def sft(cfg: SFTJobConfig, local: bool = False, address: str | None = None) -> dict[str, Any]:
-    from launcher.train_loop import LoopSpec, train_with_recovery
+    from trellis.launcher.driver_loop import LoopSpec, train_with_recovery
 
     run_dir, kwargs = _prepare(cfg, "demonstrations", "lm")
-    spec = LoopSpec(role="sft", worker="launcher.finetune_worker:SFTWorker", worker_kwargs=kwargs)
+    spec = LoopSpec(role="sft", worker="trellis.launcher.jobs.finetune.worker:SFTWorker", worker_kwargs=kwargs)
     return train_with_recovery(cfg, spec, run_dir, local=local, address=address)
 
 
 def rm(cfg: RMJobConfig, local: bool = False, address: str | None = None) -> dict[str, Any]:
-    from launcher.train_loop import LoopSpec, train_with_recovery
+    from trellis.launcher.driver_loop import LoopSpec, train_with_recovery
 
     run_dir, kwargs = _prepare(cfg, "comparisons", "score")
     normalize_dir = None
     if cfg.normalize_on:
-        from data_pipeline.tokenizer import Tokenizer
+        from trellis.data_pipeline.tokenizer import Tokenizer
         normalize_dir = prepare_rows(cfg.normalize_on, "demonstrations",
                                      Tokenizer(run_dir / "tokenizer.model"),
                                      run_dir / "data" / "normalize")
@@ -96,7 +96,7 @@ def rm(cfg: RMJobConfig, local: bool = False, address: str | None = None) -> dic
               f"the head now maps them to mean 0, std 1", flush=True)
         return {"norm_mean": stats["mean"], "norm_std": stats["std"]}
 
-    spec = LoopSpec(role="rm", worker="launcher.finetune_worker:RMWorker", worker_kwargs=kwargs,
+    spec = LoopSpec(role="rm", worker="trellis.launcher.jobs.finetune.worker:RMWorker", worker_kwargs=kwargs,
                     finish=finish)
     return train_with_recovery(cfg, spec, run_dir, local=local, address=address)
 

@@ -8,7 +8,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from launcher.config import ConfigError
+from trellis.launcher.config_loader import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
-    from parallel import checkpoint
+    from trellis.parallel import checkpoint
 
     if step is None:
         path = checkpoint.latest_complete(run_dir)
@@ -34,9 +34,9 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None,
            fmt: str = "hf") -> Path:
-    from launcher.run_model import consolidate_run
-    from model.hf import save_hf_pretrained
-    from model.io import load_module
+    from trellis.launcher.weights import consolidate_run
+    from trellis.model.hf import save_hf_pretrained
+    from trellis.model.io import load_module
 
     if fmt == "trellis":
         return consolidate_run(run_dir, out, step)

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data_pipeline.tokenizer import TokenizerConfig
-from model.config import ModelConfig
-from rl.demo_task import DemoTaskConfig
-from rl.ppo_config import PPOConfig
+from trellis.data_pipeline.tokenizer import TokenizerConfig
+from trellis.model.config import ModelConfig
+from trellis.rl.demo_task import DemoTaskConfig
+from trellis.rl.ppo_config import PPOConfig
 
 
 @dataclass
