@@ -1,6 +1,6 @@
 """PPO iteration throughput and where the time goes (prints, never asserts).
 
-1. trellis PPO (`launcher.ppo.ppo`) on the embedded demo task with a tiny random-init GPT
+1. trellis PPO (`trellis.launcher.jobs.ppo.driver.ppo`) on the embedded demo task with a tiny random-init GPT
    policy (2 layers, d_model 64) and a random-init reward model (score head) of the same
    trunk; the critic starts from the reward model and the reference from the policy, as in
    `trellis ppo`. Runs in-process (--local, every role world size 1) and on a local Ray
@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
 from trellis.launcher.jobs.ppo.driver import ppo  # noqa: E402
+from trellis.launcher.loop_config import LoopConfig  # noqa: E402
 from trellis.launcher.jobs.ppo.config import FrozenRoleConfig, PPOJobConfig, TrainRoleConfig  # noqa: E402
 from trellis.model.build import build_model  # noqa: E402
 from trellis.model.config import ModelConfig  # noqa: E402
@@ -85,11 +86,12 @@ def job_config(assets: dict[str, Path], run_dir: Path, args: argparse.Namespace,
     return PPOJobConfig(
         run_dir=str(run_dir), actor_init=str(assets["policy"]),
         reward_init=str(assets["reward"]), prompts=str(assets["prompts"]),
-        ppo=PPOConfig(iterations=args.iterations, prompts_per_iteration=args.prompts,
+        ppo=PPOConfig(prompts_per_iteration=args.prompts,
                       max_new_tokens=args.new_tokens, max_prompt_len=SEQ - args.new_tokens,
                       ppo_epochs=2, minibatches=2, eval_prompts=0),
         actor=TrainRoleConfig(parallel=par), critic=TrainRoleConfig(parallel=par),
         reference=FrozenRoleConfig(parallel=frozen), reward=FrozenRoleConfig(parallel=frozen),
+        train=LoopConfig(steps=args.iterations, log_every=1, eval_every=0),
         checkpoint=CheckpointConfig(resume=False), metrics=MetricsConfig(port=-1))
 
 

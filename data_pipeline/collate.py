@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 
 from trellis.data_pipeline.tokenizer import EOS_ID, MASK_ID, PAD_ID, SEP_ID
+from trellis.parallel.rng import keyed_generator
 
 IGNORE = -100
 SPECIAL_IDS = frozenset(range(SEP_ID + 1))
@@ -23,15 +23,11 @@ def stack_blocks(batch: dict[str, Any] | Sequence[dict[str, Any]]) -> dict[str, 
         return batch
     out: dict[str, Any] = {"input_ids": torch.stack([b["input_ids"] for b in batch]),
                            "num_tokens": torch.tensor([int(b["num_tokens"]) for b in batch])}
-    if "doc_ids" in batch[0]:
-        out["doc_ids"] = torch.stack([b["doc_ids"] for b in batch])
-        out["position_ids"] = torch.stack([b["position_ids"] for b in batch])
     return out
 
 
 def clm_collate(batch: dict[str, Any] | Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Causal LM: (B, T+1) blocks -> input_ids/labels/attention_mask (B, T) (+ doc_ids and
-    position_ids (B, T) when the stream emits them)."""
+    """Causal LM: (B, T+1) blocks -> input_ids/labels/attention_mask (B, T)."""
     b = stack_blocks(batch)
     x, n = b["input_ids"], b["num_tokens"]                 # (B, T+1), (B,)
     t = torch.arange(x.shape[1] - 1)
@@ -39,14 +35,7 @@ def clm_collate(batch: dict[str, Any] | Sequence[dict[str, Any]]) -> dict[str, t
     labels[t[None, :] + 1 >= n[:, None]] = IGNORE         # no target past the valid ids
     out = {"input_ids": x[:, :-1], "labels": labels,
            "attention_mask": (t[None, :] < n[:, None]).long()}
-    if "doc_ids" in b:
-        out["doc_ids"], out["position_ids"] = b["doc_ids"][:, :-1], b["position_ids"][:, :-1]
     return out
-
-
-def _generator(seed: int, *keys: int) -> torch.Generator:
-    s = np.random.SeedSequence([seed, *[k & 0xFFFFFFFF for k in keys]]).generate_state(2)
-    return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
 class MLMCollator:
@@ -83,7 +72,7 @@ class MLMCollator:
         ep = b.get("epoch", 0) if epoch is None else epoch
         st = (b["step"] if "step" in b else self._calls) if step is None else step
         self._calls += 1
-        g = _generator(self.seed, int(ep), int(b.get("consumer", 0)), int(st))
+        g = keyed_generator(self.seed, int(ep), int(b.get("consumer", 0)), int(st))
         valid = torch.arange(T)[None, :] < n[:, None]
         candidate = valid & ~torch.isin(x, self.special)
         chosen = (torch.rand((B, T), generator=g) < self.mask_prob) & candidate

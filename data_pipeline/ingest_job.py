@@ -10,7 +10,7 @@ from trellis.data_pipeline.config import IngestConfig, InputSource
 from trellis.data_pipeline.inputs import Doc, Piece, detect_format, expand_paths, read_piece
 from trellis.data_pipeline.ingest import ingest
 from trellis.data_pipeline.shards import DataError
-from trellis.data_pipeline.tokenizer import Tokenizer
+from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 def sample_documents(sources: Sequence[InputSource], max_chars: int) -> Iterable[str]:
@@ -39,7 +39,7 @@ def resolve_tokenizer(cfg: IngestConfig, sources: Sequence[InputSource]) -> Toke
     from trellis.data_pipeline.tokenizer import train_tokenizer
     if cfg.tokenizer.path:
         return Tokenizer(cfg.tokenizer.path)
-    saved = Path(cfg.out_dir) / "tokenizer.model"
+    saved = Path(cfg.out_dir) / TOKENIZER_FILE
     if saved.is_file():
         return Tokenizer(saved)
     if cfg.kind != "tokens":

@@ -27,6 +27,8 @@ import sentencepiece as spm
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID, NEWLINE_ID = range(8)
 USER_SYMBOLS = ["[MASK]", "[CLS]", "[SEP]", "\n"]
 N_BYTE_PIECES = 256
+TOKENIZER_FILE = "tokenizer.model"
+"""The file name a run dir, weight dir or export dir keeps its SentencePiece model under."""
 spm.set_min_log_level(2)  # SentencePiece logs every training step to stderr otherwise
 
 
@@ -228,3 +230,12 @@ def train_tokenizer(cfg: TokenizerConfig, inputs: Iterable[str] | Sequence[str |
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, out)  # atomic: a reader never sees half a model
     return Tokenizer(out)
+
+
+def copy_tokenizer(src: str | Path, dest_dir: str | Path) -> Path:
+    """Copy a SentencePiece model into `dest_dir` as TOKENIZER_FILE (skipped when it is the
+    same file); returns the destination path."""
+    src, dst = Path(src), Path(dest_dir) / TOKENIZER_FILE
+    if src.resolve() != dst.resolve():
+        dst.write_bytes(src.read_bytes())
+    return dst

@@ -1,32 +1,128 @@
-"""The driver loop every training job shares (pretrain, sft, rm): step a worker group, log,
-evaluate, checkpoint; when a worker dies, tear the group down and resume a new one from the
-latest complete checkpoint, up to `train.max_failures` times.
+"""The ONE driver loop every training job runs (pretrain, sft, rm, ppo and the RL algorithms
+that come next): step, log, evaluate, checkpoint, `stop_after`, and recovery. When a worker
+of any role dies, the session (all of its worker groups) is torn down and a new one resumes
+from the latest complete checkpoint, up to `train.max_failures` times.
 
-A worker class serves the loop with: resume(path|None) -> step, info() -> {plan, device},
-train_step() -> {loss, lr, grad_norm, tokens, step_time, ...}, evaluate() -> {loss, ...},
-save(step). The job's config has `train` (a LoopConfig), `checkpoint`, `metrics`, `parallel`.
+A job hands the loop a factory `open_session(resume) -> Session`. The session owns the job's
+worker groups and knows its own checkpoints; the loop owns the cadence:
+
+    start() -> step to continue from      (resumes the latest complete checkpoint if allowed)
+    train_step(step) -> (row, phases)     (metrics of one step; phase name -> seconds)
+    describe(step, row) -> str            (the printed line)
+    evaluate(step) -> row                 (held-out metrics; {} = none)
+    save(step)                            (a complete checkpoint of every trainable role)
+    finish(last) -> result                (after the schedule's last step)
+    shutdown()
+
+`GroupSession` is the session of the jobs that run one worker group of EngineWorker ranks
+(pretrain, sft, rm); the RL jobs bring their own (launcher/jobs/ppo/driver.py).
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from trellis.cluster.metrics import MetricsLogger
+from trellis.launcher.loop_config import LoopConfig
 from trellis.launcher.progress import progress
 from trellis.parallel import checkpoint
+from trellis.parallel.config import CheckpointConfig
 from trellis.parallel.peak import current_device_name, peak_flops
 from trellis.parallel.worker_group import LocalGroup, WorkerDied, WorkerGroup, ensure_ray
 
 
+class Session(Protocol):
+    name: str
+    """Log prefix and progress-bar label (e.g. 'pretrain', 'ppo')."""
+    metrics_kind: str
+    """Metrics kind of the step rows (CSV file name, gauge prefix); evaluations log as
+    '<kind>_eval' unless the session names its own `eval_kind`."""
+
+    def start(self) -> int: ...
+    def train_step(self, step: int) -> tuple[dict[str, float], dict[str, float]]: ...
+    def describe(self, step: int, row: dict[str, float]) -> str: ...
+    def evaluate(self, step: int) -> dict[str, float]: ...
+    def save(self, step: int) -> None: ...
+    def finish(self, last: dict[str, Any]) -> dict[str, Any]: ...
+    def shutdown(self) -> None: ...
+
+
+def run_loop(open_session: Callable[[bool], Session], loop: LoopConfig, ckpt: CheckpointConfig,
+             metrics: MetricsLogger) -> dict[str, Any]:
+    """Run the schedule to `loop.steps` (or `loop.stop_after`), recovering from worker deaths.
+    Returns {"step", "recoveries", ...the last step's row..., ...finish()}."""
+    failures, resume = 0, ckpt.resume
+    while True:
+        session = None
+        try:
+            session = open_session(resume)
+            return _run(session, loop, ckpt, metrics) | {"recoveries": failures}
+        except WorkerDied as e:
+            failures += 1
+            name = session.name if session is not None else "job"
+            if failures > loop.max_failures:
+                raise SystemExit(f"trellis {name}: {e}; gave up after {failures - 1} "
+                                 f"recoveries (train.max_failures={loop.max_failures})") from None
+            print(f"trellis {name}: {e}; restarting every worker group from the latest "
+                  f"complete checkpoint (recovery {failures}/{loop.max_failures})", flush=True)
+        finally:
+            if session is not None:
+                session.shutdown()
+        resume = True  # a restarted session always resumes, whatever checkpoint.resume said
+
+
+def _run(s: Session, loop: LoopConfig, ckpt: CheckpointConfig,
+         metrics: MetricsLogger) -> dict[str, Any]:
+    start = s.start()
+    end = min(loop.steps, loop.stop_after) if loop.stop_after else loop.steps
+    eval_kind = getattr(s, "eval_kind", f"{s.metrics_kind}_eval")
+    last: dict[str, Any] = {"step": start}
+    bar = progress(loop.steps, desc=s.name, unit="step", initial=start)
+    for step in range(start + 1, end + 1):
+        row, phases = s.train_step(step)
+        last = {"step": step, **row}
+        if step % loop.log_every == 0 or step in (end, start + 1):
+            metrics.log(step, row, kind=s.metrics_kind, phases=phases)
+            print(s.describe(step, row), flush=True)
+        if "loss" in row:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
+        if loop.eval_every and step % loop.eval_every == 0 and step != end:
+            _evaluate(s, metrics, step, eval_kind)
+        if checkpoint.should_save(step, ckpt, end):
+            s.save(step)
+        bar.update(1)
+    bar.close()
+    if end < loop.steps:
+        print(f"{s.name}: stopped after step {end} of {loop.steps} (train.stop_after); "
+              f"run again to resume", flush=True)
+        return last
+    return last | s.finish(last)
+
+
+def _evaluate(s: Session, metrics: MetricsLogger, step: int, kind: str) -> dict[str, float]:
+    ev = s.evaluate(step)
+    if ev:
+        metrics.log(step, ev, kind=kind)
+        print(f"eval step {step}: " + fmt(ev), flush=True)
+    return ev
+
+
+_FMT = {"lr": "{:.2e}", "tokens_per_second": "{:,.0f}", "step_time": "{:.3f}s"}
+
+
+def fmt(row: dict[str, float]) -> str:
+    return " ".join(f"{k} " + _FMT.get(k, "{:.4f}").format(v) for k, v in row.items())
+
+
+# ---- one worker group of EngineWorker ranks (pretrain, sft, rm) ---------------------------
 @dataclass
 class LoopSpec:
-    """What differs between jobs: who the workers are and how to describe them."""
+    """What differs between the one-group jobs: who the workers are and how to describe them."""
     role: str
     """Group role: actor names are '<role>/rank<r>'; also the log prefix."""
     worker: str
-    """Worker class as 'package.module:Class'."""
+    """Worker class as 'package.module:Class' (a parallel.engine_worker.EngineWorker)."""
     worker_kwargs: dict[str, Any]
     flops_per_token: float | None = None
     """Training FLOPs per token, for MFU (None: not shown)."""
@@ -41,85 +137,66 @@ def make_group(cfg: Any, spec: LoopSpec, local: bool, address: str | None) -> An
     return WorkerGroup(spec.worker, cfg.parallel, role=spec.role, worker_kwargs=spec.worker_kwargs)
 
 
+class GroupSession:
+    """A one-group job on the driver loop. `cfg` has parallel, checkpoint and train."""
+    metrics_kind, eval_kind = "train", "eval"
+
+    def __init__(self, cfg: Any, spec: LoopSpec, run_dir: Path, metrics: MetricsLogger,
+                 local: bool, address: str | None, resume: bool):
+        self.cfg, self.spec, self.run_dir, self.resume = cfg, spec, run_dir, resume
+        self.metrics = metrics
+        self.name = spec.role
+        self.group = make_group(cfg, spec, local, address)
+
+    def start(self) -> int:
+        path = checkpoint.latest_complete(self.run_dir) if self.resume else None
+        start = self.group.call("resume", str(path) if path else None)[0]
+        info = self.group.call("info")[0]
+        print(f"{self.name}: {info['plan']} on {info['device']}"
+              + (f"; resumed from {path}" if path else ""), flush=True)
+        return start
+
+    def train_step(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        out = self.group.call("train_step")[0]
+        tps = out["tokens"] / max(out["step_time"], 1e-9)
+        row = {k: v for k, v in out.items() if k != "tokens"} | {"tokens_per_second": tps}
+        peak = peak_flops(current_device_name(), self.cfg.parallel.precision)
+        if peak and self.spec.flops_per_token:
+            row["mfu"] = self.spec.flops_per_token * tps / (peak * self.cfg.parallel.num_workers)
+        return row, {}
+
+    def describe(self, step: int, row: dict[str, float]) -> str:
+        return f"step {step}: " + fmt(row)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        return self.group.call("evaluate")[0]
+
+    def save(self, step: int) -> None:
+        self.group.call("save", step)
+
+    def finish(self, last: dict[str, Any]) -> dict[str, Any]:
+        # The result keeps the contract of before: step, loss, val_*, what spec.finish adds.
+        out = {"step": last["step"], "loss": last.get("loss", float("nan"))}
+        ev = _evaluate(self, self.metrics, last["step"], self.eval_kind)
+        out |= {f"val_{k}": v for k, v in ev.items()}
+        if self.spec.finish is not None:
+            out |= self.spec.finish(self.group)
+        return out
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
 def train_with_recovery(cfg: Any, spec: LoopSpec, run_dir: Path, local: bool = False,
                         address: str | None = None) -> dict[str, Any]:
-    failures, max_failures = 0, cfg.train.max_failures
+    """Run a one-group job (pretrain, sft, rm) on the driver loop."""
     metrics = MetricsLogger(run_dir, cfg.metrics, role="driver")
     try:
-        while True:
-            group = None
-            try:
-                group = make_group(cfg, spec, local, address)
-                return _train(group, cfg, spec, run_dir, metrics)
-            except WorkerDied as e:
-                failures += 1
-                if failures > max_failures:
-                    raise SystemExit(f"trellis {spec.role}: {e}; gave up after {failures - 1} "
-                                     f"recoveries (train.max_failures={max_failures})") from None
-                print(f"trellis {spec.role}: {e}; restarting the group from the latest complete "
-                      f"checkpoint (recovery {failures}/{max_failures})", flush=True)
-            finally:
-                if group is not None:
-                    group.shutdown()
-            # A restarted group always resumes, whatever checkpoint.resume said.
-            cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
+        res = run_loop(lambda resume: GroupSession(cfg, spec, run_dir, metrics, local, address,
+                                                      resume),
+                       cfg.train, cfg.checkpoint, metrics)
     finally:
         metrics.close()
+    res.setdefault("loss", float("nan"))
+    return res
 
-
-def _row(out: dict[str, Any], spec: LoopSpec, cfg: Any) -> dict[str, float]:
-    tps = out["tokens"] / max(out["step_time"], 1e-9)
-    row = {k: v for k, v in out.items() if k != "tokens"} | {"tokens_per_second": tps}
-    peak = peak_flops(current_device_name(), cfg.parallel.precision)
-    if peak and spec.flops_per_token:
-        row["mfu"] = spec.flops_per_token * tps / (peak * cfg.parallel.num_workers)
-    return row
-
-
-def _train(group: Any, cfg: Any, spec: LoopSpec, run_dir: Path,
-           metrics: MetricsLogger) -> dict[str, Any]:
-    resume = checkpoint.resume_path(run_dir, cfg.checkpoint)
-    start = group.call("resume", str(resume) if resume else None)[0]
-    info = group.call("info")[0]
-    print(f"{spec.role}: {info['plan']} on {info['device']}"
-          + (f"; resumed from {resume}" if resume else ""), flush=True)
-    tc = cfg.train
-    end = min(tc.steps, tc.stop_after) if tc.stop_after else tc.steps
-    last: dict[str, Any] = {"step": start, "loss": float("nan")}
-    bar = progress(tc.steps, desc=spec.role, unit="step", initial=start)
-    for step in range(start + 1, end + 1):
-        row = _row(group.call("train_step")[0], spec, cfg)
-        last = {"step": step, "loss": row["loss"]}
-        if step % tc.log_every == 0 or step in (end, start + 1):
-            metrics.log(step, row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
-            print(f"step {step}: " + _fmt(row), flush=True)
-        if tc.eval_every and step % tc.eval_every == 0 and step != end:
-            _evaluate(group, metrics, step)
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == end:
-            group.call("save", step)
-        bar.update(1)
-    bar.close()
-    if end < tc.steps:
-        print(f"{spec.role}: stopped after step {end} of {tc.steps} (train.stop_after); "
-              f"run again to resume", flush=True)
-        return last
-    last |= {f"val_{k}": v for k, v in _evaluate(group, metrics, tc.steps).items()}
-    if spec.finish is not None:
-        last |= spec.finish(group)
-    return last
-
-
-_FMT = {"lr": "{:.2e}", "tokens_per_second": "{:,.0f}", "step_time": "{:.3f}s"}
-
-
-def _fmt(row: dict[str, float]) -> str:
-    return " ".join(f"{k} " + _FMT.get(k, "{:.4f}").format(v) for k, v in row.items())
-
-
-def _evaluate(group: Any, metrics: MetricsLogger, step: int) -> dict[str, float]:
-    ev = group.call("evaluate")[0]
-    if ev:
-        metrics.log(step, ev, kind="eval")
-        print(f"eval step {step}: " + _fmt(ev), flush=True)
-    return ev

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, copy_tokenizer
 from trellis.launcher.config_loader import ConfigError
 from trellis.model.io import META, is_module_dir, load_full_state_dict, save_module
 
@@ -17,9 +18,21 @@ def write_run_model(run_dir: Path, model_cfg: dict, head: str, engine: str = "mo
                                                  "engine": engine}, indent=2) + "\n")
 
 
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    from trellis.parallel import checkpoint
+
+    if step is None:
+        path = checkpoint.latest_complete(run_dir)
+        if path is None:
+            raise ConfigError(f"run dir '{run_dir}' has no complete checkpoint")
+        return path
+    path = checkpoint.step_dir(run_dir, step)
+    checkpoint.read_marker(path)  # raises, naming the path, when incomplete or missing
+    return path
+
+
 def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """A training run's checkpoint (latest complete, or `step`) -> trellis weight files."""
-    from trellis.launcher.jobs.export.driver import find_checkpoint
     from trellis.model.build import build_model
     from trellis.model.config import ModelConfig
     from trellis.parallel.engine import Engine
@@ -29,15 +42,15 @@ def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None =
     if not meta_file.is_file():
         raise ConfigError(f"'{run_dir}' is not a trellis run directory (no {RUN_MODEL})")
     meta = json.loads(meta_file.read_text())
-    cfg = ModelConfig(**meta["model"])
+    cfg = ModelConfig.from_saved(meta["model"])
     state = Engine.consolidate(find_checkpoint(run_dir, step) / meta["engine"])
     module = build_model(cfg, meta["head"])
     load_full_state_dict(module, state, f"checkpoint of {run_dir}")
     extra = {"source": str(run_dir)}
-    tok = run_dir / "tokenizer.model"
+    tok = run_dir / TOKENIZER_FILE
     out = save_module(module, cfg, meta["head"], out_dir, extra)
     if tok.is_file():
-        (Path(out) / "tokenizer.model").write_bytes(tok.read_bytes())
+        copy_tokenizer(tok, out)
     return out
 
 
@@ -56,9 +69,9 @@ def materialize(source: str | Path, dest: str | Path) -> Path:
         module, cfg = load_hf_pretrained(source)
         head = "lm" if cfg.arch == "gpt" else "mlm"
         out = save_module(module, cfg, head, dest, {"source": str(source)})
-        tok = source / "tokenizer.model"
+        tok = source / TOKENIZER_FILE
         if tok.is_file():
-            (out / "tokenizer.model").write_bytes(tok.read_bytes())
+            copy_tokenizer(tok, out)
         return out
     raise ConfigError(f"'{source}' is neither a trellis run directory, trellis weights "
                       f"({META}) nor a Hugging Face model directory (config.json)")

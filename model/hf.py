@@ -20,6 +20,8 @@ from trellis.model.config import ModelConfig
 from trellis.model.gpt import GPT
 from trellis.model.hf_names import hf_ignored, name_table, normalize_hf_key, tied
 
+_SPM_FILE = "tokenizer.model"  # = data_pipeline.tokenizer.TOKENIZER_FILE (model/ imports no data code)
+
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
@@ -206,5 +208,5 @@ def save_hf_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path,
         src = Path(tokenizer_file)
         if not src.is_file():
             raise FileNotFoundError(f"tokenizer file {src} does not exist")
-        shutil.copyfile(src, out / ("tokenizer.model" if src.suffix == ".model" else src.name))
+        shutil.copyfile(src, out / (_SPM_FILE if src.suffix == ".model" else src.name))
     return out

@@ -79,6 +79,11 @@ def list_complete(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def is_complete(run_dir: str | Path, step: int) -> bool:
+    """Is there a complete checkpoint of `step` in `run_dir`?"""
+    return (step_dir(run_dir, step) / MARKER).is_file()
+
+
 def latest_complete(run_dir: str | Path) -> Path | None:
     """Newest checkpoint with a valid COMPLETE marker; temporary and incomplete dirs are ignored."""
     done = list_complete(run_dir)

@@ -1,6 +1,11 @@
-"""What every training worker (pretrain, sft, rm) shares on its rank: one trainable engine
-named 'model', gradient accumulation over micro-batches, checkpoint save/resume with the
-data position, and a few inspection calls. Subclasses supply batches and the loss."""
+"""The one rank-side base class of every engine worker, whatever its role (pretrain, sft, rm,
+and the RL roles actor, critic, reference, reward): one DeepSpeed engine over the rank's
+model, trainable or frozen; checkpoint save/resume of that engine together with the rank's
+own state (its data position); the inspection calls drivers and tests use.
+
+Training jobs that step over micro-batches implement `next_batch` and `loss` and get
+`train_step` (gradient accumulation, metrics averaged over ranks); the RL roles drive the
+engine themselves (several epochs over a rollout batch)."""
 from __future__ import annotations
 
 import os
@@ -12,20 +17,30 @@ import torch
 
 from trellis.parallel import checkpoint, dist
 from trellis.parallel.batch import BatchPlan
+from trellis.parallel.config import OptimConfig, ParallelConfig
 from trellis.parallel.engine import Engine
 
 
 class EngineWorker:
-    def _setup(self, rank: int, world_size: int, cfg: Any, run_dir: str, model: torch.nn.Module,
-               seq_len: int) -> None:
-        self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.run_dir = Path(run_dir)
-        self.plan = BatchPlan.from_config(cfg.parallel, seq_len, world_size)
-        self.engine = Engine(model, cfg.optim, cfg.parallel, total_steps=cfg.train.steps,
-                             plan=self.plan)
+    engine_name = "model"
+    """Name of the engine's folder inside a checkpoint (step_<n>/<engine_name>/)."""
+
+    def _setup(self, rank: int, world_size: int, model: torch.nn.Module, par: ParallelConfig,
+               optim: OptimConfig | None, total_steps: int, run_dir: str | Path, seq_len: int,
+               keep_last: int = 2) -> None:
+        """Build the engine; `optim=None` makes a frozen (inference-only) engine."""
+        self.rank, self.world = rank, world_size
+        self.run_dir, self.keep_last = Path(run_dir), keep_last
+        self.plan = BatchPlan.from_config(par, seq_len, world_size)
+        self.engine = Engine(model, optim, par, total_steps=total_steps,
+                             trainable=optim is not None, plan=self.plan)
+        self.device = self.engine.device
         self.step = 0
 
-    # ---- subclass hooks ------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.engine.forward(ids.to(self.device), attention_mask=mask.to(self.device))
+
+    # ---- hooks of micro-batch training jobs ----------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -33,15 +48,16 @@ class EngineWorker:
         """(scalar loss, extra metrics) of one micro-batch."""
         raise NotImplementedError
 
-    def data_state(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_data_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
-
     @staticmethod
     def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
+
+    def data_state(self) -> dict[str, Any]:
+        """This rank's position in its data, saved with every checkpoint (default: none)."""
+        return {}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        pass
 
     # ---- one optimizer step --------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -64,18 +80,18 @@ class EngineWorker:
         return means | {"lr": info.get("lr", 0.0), "grad_norm": info.get("grad_norm", float("nan")),
                         "tokens": tokens * self.world, "step_time": time.perf_counter() - t0}
 
-    # ---- checkpoints ---------------------------------------------------------------------
+    # ---- checkpoints (collective: every rank calls) --------------------------------------
     def save(self, step: int) -> str:
         state = {"data": self.data_state(), "step": step}
-        return str(checkpoint.save_checkpoint(self.run_dir, step, {"model": self.engine}, state,
-                                              keep_last=self.cfg.checkpoint.keep_last))
+        return str(checkpoint.save_checkpoint(self.run_dir, step, {self.engine_name: self.engine},
+                                              state, keep_last=self.keep_last))
 
     def resume(self, path: str | None) -> int:
         """Load `path` (a complete checkpoint) if given; returns the step to continue from."""
         if not path:
             return 0
-        restored = checkpoint.load_checkpoint(path, {"model": self.engine})
-        self.load_data_state(restored.state["data"])
+        restored = checkpoint.load_checkpoint(path, {self.engine_name: self.engine})
+        self.load_data_state(restored.state.get("data", {}))
         self.step = restored.step
         return restored.step
 
@@ -84,7 +100,7 @@ class EngineWorker:
     def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
         """Model output of the current weights for these ids, on CPU (collective under ZeRO-3)."""
         self.engine.eval()
-        ids = torch.tensor(input_ids, device=self.engine.device)
+        ids = torch.tensor(input_ids, device=self.device)
         return self.engine.forward(ids).float().cpu()
 
     def param_numel(self) -> dict[str, int]:
@@ -92,7 +108,10 @@ class EngineWorker:
                 "zero_stage": self.engine.zero_stage}
 
     def info(self) -> dict[str, Any]:
-        return {"plan": self.plan.describe(), "device": str(self.engine.device)}
+        return {"pid": os.getpid(), "plan": self.plan.describe(), "device": str(self.device),
+                "zero_stage": self.engine.zero_stage, "trainable": self.engine.trainable,
+                "local_params": self.engine.local_param_numel(),
+                "global_params": self.engine.global_param_numel()}
 
     def pid(self) -> int:
         return os.getpid()

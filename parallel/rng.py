@@ -42,3 +42,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def keyed_generator(*keys: int) -> torch.Generator:
+    """A torch generator that is a pure function of integer keys (e.g. seed, epoch, rank,
+    step): the same keys draw the same numbers on any rank, run or resume."""
+    s = np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(2)
+    return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))

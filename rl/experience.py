@@ -28,6 +28,12 @@ from trellis.data_pipeline.rollout import RolloutBatch, from_arrow, to_arrow
 from trellis.rl.ppo_math import KLKind, gae, masked_mean, masked_whiten, shaped_rewards
 
 SCORES_COLUMN = "scores"
+
+
+def action_slice(P: int, R: int) -> slice:
+    """Columns of a full-sequence (B, P + R) output that predict the R response tokens:
+    the output at column P - 1 + t predicts response token t."""
+    return slice(P - 1, P - 1 + R)
 _PROMPT = ("prompt_ids", "prompt_mask")
 
 
@@ -63,8 +69,7 @@ class Experience:
     @property
     def action_slice(self) -> slice:
         """Columns of a full-sequence output that belong to the R actions."""
-        P, R = self.prompt_ids.shape[1], self.response_ids.shape[1]
-        return slice(P - 1, P - 1 + R)
+        return action_slice(self.prompt_ids.shape[1], self.response_ids.shape[1])
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask) (B, P + R) of prompt ++ response."""

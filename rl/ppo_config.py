@@ -1,4 +1,5 @@
-"""PPO's configuration (stdlib dataclasses; validated by launcher.config)."""
+"""PPO's algorithm settings (stdlib dataclasses; validated by launcher/config_loader.py).
+The iteration count and cadence are the driver loop's (`train.*` of the job config)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,8 +8,6 @@ from typing import Literal
 
 @dataclass
 class PPOConfig:
-    iterations: int = field(default=20, metadata={"min": 1})
-    """Rollout + train iterations."""
     prompts_per_iteration: int = field(default=32, metadata={"min": 1})
     """Prompts sampled per iteration (one response each), across all actor ranks."""
     ppo_epochs: int = field(default=2, metadata={"min": 1})
@@ -52,9 +51,8 @@ class PPOConfig:
     max_prompt_len: int = field(default=32, metadata={"min": 1})
     """Prompts longer than this are an error, not silently cut."""
     eval_prompts: int = field(default=64, metadata={"min": 0})
-    """Held-out prompts scored (greedy) at the start and the end; 0 = none."""
-    eval_every: int = field(default=0, metadata={"min": 0})
-    """Iterations between held-out evaluations (0 = start and end only)."""
+    """Held-out prompts scored (greedy) at the start, every train.eval_every iterations and
+    at the end; 0 = none."""
 
     def __post_init__(self) -> None:
         if self.ptx_coef > 0 and not self.ptx_data:

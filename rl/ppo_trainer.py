@@ -11,7 +11,6 @@ actor and critic engines, so a resumed run continues exactly.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from trellis.rl.kl import make_kl_controller
 from trellis.rl.ppo_config import PPOConfig
 
 ROLES = ("actor", "critic", "reference", "reward")
+TRAINED_ROLES = ("actor", "critic")
 WORKERS = {"actor": "trellis.rl.ppo_workers:ActorWorker", "critic": "trellis.rl.ppo_workers:CriticWorker",
            "reference": "trellis.rl.ppo_workers:ReferenceWorker", "reward": "trellis.rl.ppo_workers:RewardWorker"}
 
@@ -49,28 +49,11 @@ def gather_rows(rbs: list[pa.RecordBatch]) -> tuple[dict[str, torch.Tensor], flo
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, secs
 
 
-@dataclasses.dataclass
-class Groups:
-    actor: Any
-    critic: Any
-    reference: Any
-    reward: Any
-    pg: Any = None
-
-    def shutdown(self) -> None:
-        for g in (self.actor, self.critic, self.reference, self.reward):
-            if g is not None:
-                g.shutdown()
-        if self.pg is not None:
-            from ray.util.placement_group import remove_placement_group
-            remove_placement_group(self.pg)
-
-
 class PPOTrainer:
-    def __init__(self, cfg: Any, groups: Groups, prompts: Any, eval_prompts: Any,
-                 run_dir: Path, metrics: Any, tokenizer: Any):
+    def __init__(self, cfg: Any, groups: Any, prompts: Any, eval_prompts: Any,
+                 run_dir: Path, tokenizer: Any):
         self.cfg, self.ppo, self.g = cfg, cfg.ppo, groups
-        self.run_dir, self.metrics, self.tok = run_dir, metrics, tokenizer
+        self.run_dir, self.tok = run_dir, tokenizer
         self.prompts = RowStream(prompts, self.ppo.prompts_per_iteration, seed=cfg.seed)
         self._it = iter(self.prompts)
         self.eval_rows = eval_prompts.rows(list(range(min(len(eval_prompts), self.ppo.eval_prompts)))) \
@@ -106,7 +89,8 @@ class PPOTrainer:
         phases["score_wall"] = time.perf_counter() - t1
         return seq, phases
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> tuple[dict[str, float], dict[str, float]]:
+        """One iteration: rollout, experience, actor and critic updates. (stats, phase seconds)."""
         t0 = time.perf_counter()
         self.iteration += 1
         seq, phases = self.rollout(next(self._it))
@@ -130,8 +114,7 @@ class PPOTrainer:
         stats["explained_variance"] = explained_variance(exp.values, exp.returns, exp.response_mask)
         stats["iteration_seconds"] = time.perf_counter() - t0
         stats["samples_per_second"] = exp.batch_size / stats["iteration_seconds"]
-        self.metrics.log(self.iteration, stats, kind="ppo", phases=phases)
-        return stats | {f"phase/{k}": v for k, v in phases.items()}
+        return stats, phases
 
     @staticmethod
     def _split(exp: Experience, n: int) -> list[pa.RecordBatch]:
@@ -174,11 +157,12 @@ class PPOTrainer:
         self.kl.load_state_dict(s["kl"])
 
     def save(self) -> None:
+        """Actor and critic engines (collective, concurrently), then the driver state, written
+        last: a state file names an iteration whose engines are both complete."""
         it, keep = self.iteration, self.cfg.checkpoint.keep_last
-        a = self.g.actor.call_async("save", it, keep)
-        c = self.g.critic.call_async("save", it, keep)
+        a = self.g.actor.call_async("save", it)
+        c = self.g.critic.call_async("save", it)
         self.g.actor.get(a), self.g.critic.get(c)
-        # Written last: a driver state names an iteration whose engines are both complete.
         state_dir = self.run_dir / "state"
         state_dir.mkdir(parents=True, exist_ok=True)
         tmp = state_dir / f".iter-{it:06d}.json.tmp"
@@ -190,15 +174,31 @@ class PPOTrainer:
             old.unlink()
 
     def resume(self) -> bool:
-        from trellis.parallel import checkpoint
-        states = sorted((self.run_dir / "state").glob("iter-*.json"))
-        for path in reversed(states):
-            it = int(path.stem.split("-")[1])
-            dirs = [checkpoint.step_dir(self.run_dir / r, it) for r in ("actor", "critic")]
-            if all((d / "COMPLETE").is_file() for d in dirs):
-                self.g.actor.get(self.g.actor.call_async("resume", str(dirs[0])))
-                self.g.critic.get(self.g.critic.call_async("resume", str(dirs[1])))
-                self.load_state_dict(json.loads(path.read_text()))
-                return True
-        return False
+        """Load the latest complete iteration (engines + driver state), if any."""
+        found = latest_state(self.run_dir)
+        if found is None:
+            return False
+        path, dirs = found
+        a = self.g.actor.call_async("resume", str(dirs["actor"]))
+        c = self.g.critic.call_async("resume", str(dirs["critic"]))
+        self.g.actor.get(a), self.g.critic.get(c)
+        self.load_state_dict(json.loads(path.read_text()))
+        return True
 
+
+def latest_state(run_dir: Path) -> tuple[Path, dict[str, Path]] | None:
+    """The newest driver state whose actor and critic checkpoints are both complete:
+    (state file, {role: checkpoint dir}); None when there is none."""
+    from trellis.parallel import checkpoint
+    for path in sorted((Path(run_dir) / "state").glob("iter-*.json"), reverse=True):
+        it = int(path.stem.split("-")[1])
+        dirs = {r: checkpoint.step_dir(Path(run_dir) / r, it) for r in TRAINED_ROLES}
+        if all((d / checkpoint.MARKER).is_file() for d in dirs.values()):
+            return path, dirs
+    return None
+
+
+def finished(run_dir: Path, iterations: int) -> bool:
+    """Did a run in `run_dir` complete all `iterations`?"""
+    found = latest_state(run_dir)
+    return found is not None and int(found[0].stem.split("-")[1]) >= iterations

@@ -12,9 +12,7 @@ which rows each rank gets.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -23,21 +21,14 @@ import torch
 from trellis.data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow
 from trellis.model.generate import GenerationConfig, generate
 from trellis.model.io import load_module
-from trellis.parallel import checkpoint, dist
-from trellis.parallel.batch import BatchPlan
+from trellis.parallel import dist
 from trellis.parallel.config import OptimConfig, ParallelConfig
-from trellis.parallel.engine import Engine
-from trellis.parallel.rng import seed_all
-from trellis.rl.experience import Experience
+from trellis.parallel.engine_worker import EngineWorker
+from trellis.parallel.rng import keyed_generator, seed_all
+from trellis.rl.experience import Experience, action_slice
 from trellis.rl.ppo_config import PPOConfig
 from trellis.rl.ppo_math import (entropy_from_logits, masked_mean, policy_loss, ptx_loss,
                          token_logprobs, value_loss)
-
-
-def _generator(*keys: int) -> torch.Generator:
-    import numpy as np
-    s = np.random.SeedSequence([k & 0xFFFFFFFF for k in keys]).generate_state(2)
-    return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
 
 
 def _timed(rb: pa.RecordBatch, t0: float) -> pa.RecordBatch:
@@ -45,44 +36,37 @@ def _timed(rb: pa.RecordBatch, t0: float) -> pa.RecordBatch:
     return rb.replace_schema_metadata({"seconds": f"{time.perf_counter() - t0:.6f}"})
 
 
-def _sequences(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(ids (B, P+R), mask (B, P+R), P) from prompt/response tensors."""
+def _sequences(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, slice]:
+    """(ids (B, P+R), mask (B, P+R), the action columns) from prompt/response tensors."""
     ids = torch.cat([t["prompt_ids"], t["response_ids"]], dim=1)
     mask = torch.cat([t["prompt_mask"].long(), t["response_mask"].long()], dim=1)
-    return ids, mask, t["prompt_ids"].shape[1]
+    return ids, mask, action_slice(t["prompt_ids"].shape[1], t["response_ids"].shape[1])
 
 
-class _RoleWorker:
-    """One rank of a role: the engine over its model, plus what every role answers."""
+class _RoleWorker(EngineWorker):
+    """One rank of a role: the shared engine worker over the role's model (trainable roles
+    get an optimizer), plus the PPO epochs/minibatches loop both trainable roles share."""
     head = "lm"
-    engine_name = "model"
 
     def __init__(self, rank: int, world_size: int, init_dir: str, ppo: dict, par: dict,
                  optim: dict | None, total_steps: int, rows_per_rank: int, run_dir: str,
-                 seed: int = 0):
-        self.rank, self.world, self.run_dir = rank, world_size, Path(run_dir)
+                 seed: int = 0, keep_last: int = 2):
         self.ppo = PPOConfig(**ppo)
         self.seed = seed
         seed_all(seed)
         model, self.model_cfg, self.meta = load_module(init_dir, head=self.head)
         par_cfg = ParallelConfig(**par)
-        trainable = optim is not None
-        if trainable:  # one optimizer step per minibatch
+        if optim is not None:  # one optimizer step per minibatch
             mb = rows_per_rank // self.ppo.minibatches
             par_cfg = dataclasses.replace(par_cfg, micro_batch_size=max(1, mb), grad_accum=1)
-        self.plan = BatchPlan.from_config(par_cfg, self.model_cfg.max_seq_len, world_size)
-        self.engine = Engine(model, OptimConfig(**optim) if trainable else None, par_cfg,
-                             total_steps=total_steps, trainable=trainable, plan=self.plan)
-        self.device = self.engine.device
+        self._setup(rank, world_size, model, par_cfg,
+                    OptimConfig(**optim) if optim is not None else None, total_steps, run_dir,
+                    self.model_cfg.max_seq_len, keep_last)
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.engine.forward(ids.to(self.device), attention_mask=mask.to(self.device))
-
-    def info(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "zero_stage": self.engine.zero_stage,
-                "local_params": self.engine.local_param_numel(),
-                "global_params": self.engine.global_param_numel(),
-                "trainable": self.engine.trainable, "device": str(self.device)}
+    def _action_outputs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's outputs at the R action columns: (B, R, ...) in float32."""
+        ids, mask, actions = _sequences(t)
+        return self._forward(ids, mask)[:, actions].float()
 
     def _ppo_epochs(self, exp_rb: pa.RecordBatch, iteration: int, salt: int,
                     minibatch_loss: Any) -> dict[str, float]:
@@ -93,7 +77,7 @@ class _RoleWorker:
         stats: dict[str, float] = {}
         n = 0
         for epoch in range(self.ppo.ppo_epochs):
-            g = _generator(self.seed, iteration, epoch, self.rank, salt)
+            g = keyed_generator(self.seed, iteration, epoch, self.rank, salt)
             for mb in exp.select(torch.randperm(exp.batch_size, generator=g)).split(self.ppo.minibatches):
                 mb = mb.to(self.device)
                 seq = {"prompt_ids": mb.prompt_ids, "prompt_mask": mb.prompt_mask,
@@ -105,14 +89,6 @@ class _RoleWorker:
                     stats[k] = stats.get(k, 0.0) + v
                 n += 1
         return dist.all_reduce_mean_dict({k: v / n for k, v in stats.items()})
-
-    # Checkpoints of the trainable roles, each in its own run dir (RUN_DIR/<role>).
-    def save(self, step: int, keep_last: int) -> str:
-        return str(checkpoint.save_checkpoint(self.run_dir, step, {self.engine_name: self.engine},
-                                              {"step": step}, keep_last=keep_last))
-
-    def resume(self, path: str) -> int:
-        return checkpoint.load_checkpoint(path, {self.engine_name: self.engine}).step
 
 
 class ActorWorker(_RoleWorker):
@@ -144,7 +120,7 @@ class ActorWorker(_RoleWorker):
         t = arrow_to_tensors(prompts)
         ids, mask = t["prompt_ids"].to(self.device), t["prompt_mask"].to(self.device)
         self.engine.eval()
-        g = None if greedy else _generator(self.seed, iteration, self.rank)
+        g = None if greedy else keyed_generator(self.seed, iteration, self.rank)
         gen = generate(self.engine.module, ids, mask.long(), self._gen_cfg(greedy), generator=g)
         R = self.ppo.max_new_tokens
         resp = torch.zeros(ids.shape[0], R, dtype=torch.long)
@@ -158,9 +134,7 @@ class ActorWorker(_RoleWorker):
 
     def _logprobs(self, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(log pi(a_t) (B, R), logits (B, R, V)) at the rollout temperature."""
-        ids, mask, P = _sequences(t)
-        R = t["response_ids"].shape[1]
-        logits = self._forward(ids, mask)[:, P - 1:P - 1 + R].float() / self.ppo.temperature
+        logits = self._action_outputs(t) / self.ppo.temperature
         return token_logprobs(logits, t["response_ids"].to(self.device)), logits
 
     @torch.no_grad()
@@ -200,9 +174,7 @@ class ReferenceWorker(_RoleWorker):
     def logprobs(self, seq: pa.RecordBatch, temperature: float) -> pa.RecordBatch:
         t0 = time.perf_counter()
         t = arrow_to_tensors(seq)
-        ids, mask, P = _sequences(t)
-        R = t["response_ids"].shape[1]
-        logits = self._forward(ids, mask)[:, P - 1:P - 1 + R].float() / temperature
+        logits = self._action_outputs(t) / temperature
         lp = token_logprobs(logits, t["response_ids"].to(self.device)).cpu()
         return _timed(tensors_to_arrow({"ref_logprobs": lp}), t0)
 
@@ -221,9 +193,7 @@ class CriticWorker(_RoleWorker):
     head = "value"
 
     def _values(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        ids, mask, P = _sequences(t)
-        R = t["response_ids"].shape[1]
-        return self._forward(ids, mask)[:, P - 1:P - 1 + R].float()  # V(s_t) before action t
+        return self._action_outputs(t)  # (B, R): V(s_t), the state before action t
 
     @torch.no_grad()
     def values(self, seq: pa.RecordBatch) -> pa.RecordBatch:

@@ -8,6 +8,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer
 from trellis.launcher.config_loader import ConfigError
 
 
@@ -17,19 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--format", choices=("hf", "trellis"), default="hf",
                    help="hf: transformers' GPT-2/BERT format; trellis: model.safetensors + model.json")
-
-
-def find_checkpoint(run_dir: Path, step: int | None) -> Path:
-    from trellis.parallel import checkpoint
-
-    if step is None:
-        path = checkpoint.latest_complete(run_dir)
-        if path is None:
-            raise ConfigError(f"run dir '{run_dir}' has no complete checkpoint")
-        return path
-    path = checkpoint.step_dir(run_dir, step)
-    checkpoint.read_marker(path)  # raises, naming the path, when incomplete or missing
-    return path
 
 
 def export(run_dir: str | Path, out: str | Path, step: int | None = None,
@@ -46,9 +34,12 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None,
         if meta["head"] not in ("lm", "mlm"):
             raise ConfigError(f"run dir '{run_dir}' holds a '{meta['head']}' model, which has no "
                               f"Hugging Face architecture; use --format trellis")
-        tok = Path(run_dir) / "tokenizer.model"
-        return save_hf_pretrained(module, cfg, out, str(tok) if tok.is_file() else None,
-                                  bos_id=2, eos_id=3)
+        tok = Path(run_dir) / TOKENIZER_FILE
+        if not tok.is_file():
+            return save_hf_pretrained(module, cfg, out)
+        spm = Tokenizer(tok)  # the special ids the model was trained with
+        return save_hf_pretrained(module, cfg, out, str(tok), bos_id=spm.bos_id,
+                                  eos_id=spm.eos_id)
 
 
 def run(args: argparse.Namespace) -> int:

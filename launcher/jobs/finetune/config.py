@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trellis.cluster.metrics import MetricsConfig
-from trellis.launcher.jobs.pretrain.config import LoopConfig
+from trellis.launcher.loop_config import LoopConfig
 from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 
 

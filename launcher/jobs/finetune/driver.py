@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, copy_tokenizer
 from trellis.launcher.config_loader import ConfigError, dump_yaml
 from trellis.launcher.jobs.finetune.config import RMJobConfig, SFTJobConfig
 from trellis.launcher.job_flags import add_run_arguments, cpu_defaults, print_result, resolve_config
@@ -46,13 +47,13 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     init = materialize(cfg.init_from, run_dir / "init")
-    tok_file = init / "tokenizer.model"
+    tok_file = init / TOKENIZER_FILE
     if not tok_file.is_file():
         raise ConfigError(f"config key 'init_from': '{cfg.init_from}' comes without a "
                           f"SentencePiece tokenizer.model; trellis needs the tokenizer it was "
                           f"trained with")
     tok = Tokenizer(tok_file)
-    (run_dir / "tokenizer.model").write_bytes(tok_file.read_bytes())
+    copy_tokenizer(tok_file, run_dir)
     train = prepare_rows(cfg.data.train, kind, tok, run_dir / "data" / "train")
     val = prepare_rows(cfg.data.val, kind, tok, run_dir / "data" / "val") if cfg.data.val else None
     train_rows = val_rows = None
@@ -66,6 +67,12 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
     return run_dir, {"cfg": dataclasses.asdict(cfg), "init_dir": str(init),
                      "train_dir": str(train), "val_dir": str(val) if val else None,
                      "train_rows": train_rows, "val_rows": val_rows, "run_dir": str(run_dir)}
+
+
+def is_done(cfg: Any) -> bool:
+    """Does cfg.run_dir hold the complete checkpoint of the schedule's last step?"""
+    from trellis.parallel.checkpoint import is_complete
+    return is_complete(cfg.run_dir, cfg.train.steps)
 
 
 def sft(cfg: SFTJobConfig, local: bool = False, address: str | None = None) -> dict[str, Any]:
@@ -84,7 +91,7 @@ def rm(cfg: RMJobConfig, local: bool = False, address: str | None = None) -> dic
     if cfg.normalize_on:
         from trellis.data_pipeline.tokenizer import Tokenizer
         normalize_dir = prepare_rows(cfg.normalize_on, "demonstrations",
-                                     Tokenizer(run_dir / "tokenizer.model"),
+                                     Tokenizer(run_dir / TOKENIZER_FILE),
                                      run_dir / "data" / "normalize")
 
     def finish(group: Any) -> dict[str, Any]:

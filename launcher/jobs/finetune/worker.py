@@ -32,7 +32,9 @@ class _RowWorker(EngineWorker):
         c = from_dict(self.config_cls, cfg)
         seed_all(c.seed)
         model, self.model_cfg, _ = load_module(init_dir, head=self.head)
-        self._setup(rank, world_size, c, run_dir, model, c.data.max_len)
+        self.cfg = c
+        self._setup(rank, world_size, model, c.parallel, c.optim, c.train.steps, run_dir,
+                    c.data.max_len, c.checkpoint.keep_last)
         self.train_ds = StructuredDataset(train_dir)
         self.val_ds = StructuredDataset(val_dir) if val_dir else self.train_ds
         self.val_rows = val_rows

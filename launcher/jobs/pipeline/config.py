@@ -48,11 +48,13 @@ class PipelineConfig:
     rm: StageConfig = field(default_factory=lambda: StageConfig(steps=500, lr=1e-3,
                                                                 micro_batch_size=8))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        iterations=15, prompts_per_iteration=64, minibatches=4, ppo_epochs=4,
+        prompts_per_iteration=64, minibatches=4, ppo_epochs=4,
         temperature=0.7, init_beta=0.1, max_new_tokens=10, max_prompt_len=24,
         eval_prompts=0))
     ppo_actor_lr: float = field(default=1e-4, metadata={"min": 0.0})
     ppo_critic_lr: float = field(default=5e-4, metadata={"min": 0.0})
+    ppo_iterations: int = field(default=15, metadata={"min": 1})
+    """PPO iterations (rollout + PPO epochs); the PPO job's train.steps."""
     ppo_workers: int = field(default=1, metadata={"min": 1})
     """Ray workers per PPO role."""
     placement: Literal["colocate", "separate"] = "colocate"

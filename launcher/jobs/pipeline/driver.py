@@ -13,29 +13,16 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from trellis.launcher.config_loader import ConfigError, load_config
+from trellis.data_pipeline.tokenizer import TOKENIZER_FILE
+from trellis.launcher.config_loader import ConfigError
 from trellis.launcher.job_flags import add_run_arguments, resolve_config
-from trellis.launcher.jobs.pipeline.config import PipelineConfig, StageConfig
+from trellis.launcher.jobs.pipeline.config import PipelineConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, recovery=False)  # --local: every stage in this process
-
-
-def _stage(s: StageConfig, run_dir: Path, metrics_port: int = -1) -> list[str]:
-    return [f"run_dir={run_dir}", f"optim.lr={s.lr}", f"optim.warmup_steps={max(1, s.steps // 10)}",
-            f"parallel.micro_batch_size={s.micro_batch_size}",
-            f"parallel.num_workers={s.num_workers}", f"parallel.zero_stage={s.zero_stage}",
-            f"parallel.cpus_per_worker={0.8 / s.num_workers}",
-            f"train.steps={s.steps}", f"train.log_every={max(1, s.steps // 5)}",
-            "train.eval_every=0", f"metrics.port={metrics_port}"]
-
-
-def _done(run_dir: Path, step: int) -> bool:
-    from trellis.parallel.checkpoint import step_dir
-    return (step_dir(run_dir, step) / "COMPLETE").is_file()
 
 
 def _banner(name: str, skipped: bool = False) -> None:
@@ -61,7 +48,7 @@ def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
                                                   "prompts_train", "prompts_eval")}
     else:
         paths = write_demo_data(task, cfg.task)
-    tok = root / "tokenizer.model"
+    tok = root / TOKENIZER_FILE
     corpus = root / "corpus" / "pretrain.txt"
     if not corpus.is_file():
         write_pretrain_corpus(corpus.parent, cfg.pretrain_lines, cfg.task)
@@ -76,46 +63,39 @@ def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
 
 def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = None,
                ppo_stage: bool = True) -> dict[str, Path]:
-    from trellis.launcher.jobs.finetune.driver import rm, sft
-    from trellis.launcher.jobs.finetune.config import RMJobConfig, SFTJobConfig
-    from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
-    from trellis.launcher.jobs.pretrain.driver import pretrain
+    """Run each stage that is not done yet (each job says whether its run dir is)."""
+    from trellis.data_pipeline.tokenizer import Tokenizer
+    from trellis.launcher.jobs.finetune import driver as finetune
+    from trellis.launcher.jobs.pipeline import stages
+    from trellis.launcher.jobs.pretrain import driver as pretrain
 
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     p = prepare_task(cfg, root)
     dirs = {s: root / s for s in ("pretrain", "sft", "rm", "ppo")}
-    from trellis.data_pipeline.tokenizer import Tokenizer
-    m = cfg.model
     vocab = Tokenizer(p["tokenizer"]).vocab_size  # SentencePiece may stop below the request
-    done = _done(dirs["pretrain"], cfg.pretrain.steps)
-    _banner("pretrain", done)
-    if not done:
-        pretrain(load_config(PretrainJobConfig, None, _stage(cfg.pretrain, dirs["pretrain"]) + [
-            f"seed={cfg.seed}", f"model.preset={m.preset}", f"model.vocab_size={vocab}",
-            f"model.n_layer={m.n_layer}", f"model.n_head={m.n_head}", f"model.d_model={m.d_model}",
-            f"model.max_seq_len={m.max_seq_len}", f"data.path={p['pretrain_data']}",
-            f"tokenizer.path={p['tokenizer']}", f"data.seq_len={cfg.seq_len}",
-            "data.val_fraction=0.02", "train.sample_tokens=0"]), local=local, address=address)
-    rows = [f"data.max_len={cfg.max_len}", f"data.max_prompt_len={cfg.max_prompt_len}",
-            f"seed={cfg.seed}"]
-    done = _done(dirs["sft"], cfg.sft.steps)
-    _banner(f"SFT on {cfg.task.n_demonstrations} demonstrations", done)
-    if not done:
-        sft(load_config(SFTJobConfig, None, _stage(cfg.sft, dirs["sft"]) + rows + [
-            f"init_from={dirs['pretrain']}", f"data.train={p['demonstrations']}"]),
-            local=local, address=address)
+    job = stages.pretrain_config(cfg, dirs["pretrain"], p["pretrain_data"], p["tokenizer"], vocab)
+    _run_stage("pretrain", pretrain.is_done(job), pretrain.pretrain, job, local, address)
+    job = stages.sft_config(cfg, dirs["sft"], dirs["pretrain"], p["demonstrations"])
+    _run_stage(f"SFT on {cfg.task.n_demonstrations} demonstrations", finetune.is_done(job),
+               finetune.sft, job, local, address)
     comparisons = make_comparisons(cfg, root, dirs["sft"], p)
-    done = _done(dirs["rm"], cfg.rm.steps)
-    _banner(f"reward model on {cfg.task.n_comparison_prompts} ranked prompts", done)
-    if not done:
-        rm(load_config(RMJobConfig, None, _stage(cfg.rm, dirs["rm"]) + rows + [
-            f"init_from={dirs['sft']}", f"data.train={comparisons}",
-            f"normalize_on={p['demonstrations']}"]), local=local, address=address)
+    job = stages.rm_config(cfg, dirs["rm"], dirs["sft"], comparisons, p["demonstrations"])
+    _run_stage(f"reward model on {cfg.task.n_comparison_prompts} ranked prompts",
+               finetune.is_done(job), finetune.rm, job, local, address)
     if ppo_stage:
-        run_ppo(cfg, dirs, p, local, address)
+        from trellis.launcher.jobs.ppo import driver as ppo
+        job = stages.ppo_config(cfg, dirs["ppo"], dirs["sft"], dirs["rm"], p["prompts_train"])
+        _run_stage("PPO", ppo.is_done(job), ppo.ppo, job, local, address)
     return dirs | {"task": root / "task", "tokenizer": p["tokenizer"],
                    "prompts_eval": p["prompts_eval"]}
+
+
+def _run_stage(title: str, done: bool, train: Callable[..., Any], job: Any, local: bool,
+               address: str | None) -> None:
+    _banner(title, done)
+    if not done:
+        train(job, local=local, address=address)
 
 
 def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) -> Path:
@@ -145,26 +125,6 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
 
     write_demo_data(out.parent, cfg.task, sample_fn)
     return out
-
-
-def run_ppo(cfg: PipelineConfig, dirs: dict[str, Path], p: dict, local: bool,
-            address: str | None) -> None:
-    from trellis.launcher.jobs.ppo.driver import ppo
-    from trellis.launcher.jobs.ppo.config import PPOJobConfig
-
-    state = dirs["ppo"] / "state" / f"iter-{cfg.ppo.iterations:06d}.json"
-    _banner("PPO", state.is_file())
-    if state.is_file():
-        return
-    w, q = cfg.ppo_workers, cfg.ppo
-    over = [f"run_dir={dirs['ppo']}", f"seed={cfg.seed}", f"actor_init={dirs['sft']}",
-            f"reward_init={dirs['rm']}", f"prompts={p['prompts_train']}",
-            f"placement={cfg.placement}", f"actor.optim.lr={cfg.ppo_actor_lr}",
-            f"critic.optim.lr={cfg.ppo_critic_lr}", "metrics.port=-1"]
-    over += [f"ppo.{k}={v}" for k, v in vars(q).items() if k != "ptx_data" or v]
-    for role in ("actor", "critic", "reference", "reward"):
-        over += [f"{role}.parallel.num_workers={w}", f"{role}.parallel.cpus_per_worker={0.2 / w}"]
-    ppo(load_config(PPOJobConfig, None, over), local=local, address=address)
 
 
 def evaluate(cfg: PipelineConfig, dirs: dict[str, Path]) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trellis.cluster.metrics import MetricsConfig
+from trellis.launcher.loop_config import LoopConfig
 from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 from trellis.rl.ppo_config import PPOConfig
 
@@ -42,9 +43,6 @@ class PPOJobConfig:
     placement: Literal["colocate", "separate"] = "separate"
     """colocate: rank r of every role shares one placement-group bundle (same devices,
     fractional shares); separate: each role its own placement group."""
-    stop_after: int = field(default=0, metadata={"min": 0})
-    """End this invocation after this iteration (checkpointed); a later run resumes. 0 = run
-    all ppo.iterations."""
     save_rollouts: bool = False
     """Write each iteration's rollout batch to RUN_DIR/rollouts/*.parquet for inspection."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -53,8 +51,13 @@ class PPOJobConfig:
         optim=OptimConfig(lr=5e-5, weight_decay=0.0)))
     reference: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
     reward: FrozenRoleConfig = field(default_factory=FrozenRoleConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """checkpoint.every counts iterations."""
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(steps=20, log_every=1,
+                                                                 eval_every=0))
+    """The driver loop: train.steps iterations (rollout + PPO epochs), train.stop_after,
+    train.max_failures (a dead worker of any role restarts all four groups from the latest
+    complete checkpoint); train.eval_every iterations between held-out evaluations."""
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=5))
+    """checkpoint.every counts iterations (actor + critic engines, then the driver state)."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:

@@ -7,13 +7,14 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, copy_tokenizer
 from trellis.launcher.config_loader import ConfigError, dump_yaml
 from trellis.launcher.job_flags import add_run_arguments, cpu_defaults, resolve_config
 from trellis.launcher.jobs.ppo.config import PPOJobConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_run_arguments(p, recovery=False)  # --local: all four roles in this process
+    add_run_arguments(p)  # --local: all four roles in this process
 
 
 def _weights(cfg: PPOJobConfig, run_dir: Path) -> dict[str, Path]:
@@ -29,7 +30,7 @@ def _weights(cfg: PPOJobConfig, run_dir: Path) -> dict[str, Path]:
 
 def _tokenizer(weights: dict[str, Path]) -> Any:
     from trellis.data_pipeline.tokenizer import Tokenizer
-    files = {r: w / "tokenizer.model" for r, w in weights.items()}
+    files = {r: w / TOKENIZER_FILE for r, w in weights.items()}
     missing = [f"{r} ({f.parent})" for r, f in files.items() if not f.is_file()]
     if missing:
         raise ConfigError(f"no tokenizer.model with the weights of {', '.join(missing)}")
@@ -56,60 +57,116 @@ def check_prompts(ds: Any, cfg: PPOJobConfig, max_seq_len: int, where: str) -> N
             raise ConfigError(f"{where}: prompt row {i} is empty")
 
 
-def _group_kwargs(cfg: PPOJobConfig, role: str, weights: dict[str, Path], run_dir: Path) -> dict:
-    rc = getattr(cfg, role)
-    p = cfg.ppo
-    trainable = role in ("actor", "critic")
-    kw = {"init_dir": str(weights[role]), "ppo": dataclasses.asdict(p),
-          "par": dataclasses.asdict(rc.parallel),
-          "optim": dataclasses.asdict(rc.optim) if trainable else None,
-          "total_steps": p.iterations * p.ppo_epochs * p.minibatches if trainable else 0,
-          "rows_per_rank": p.prompts_per_iteration // rc.parallel.num_workers,
-          "run_dir": str(run_dir / role), "seed": cfg.seed}
-    if role == "actor" and p.ptx_coef > 0:
-        kw["ptx_dir"] = p.ptx_data
-    return kw
+def _role_specs(cfg: PPOJobConfig, weights: dict[str, Path], run_dir: Path) -> dict:
+    from trellis.parallel.placement import RoleSpec
+    from trellis.rl.ppo_trainer import ROLES, TRAINED_ROLES, WORKERS
+
+    p, specs = cfg.ppo, {}
+    for role in ROLES:
+        rc, trainable = getattr(cfg, role), role in TRAINED_ROLES
+        kw = {"init_dir": str(weights[role]), "ppo": dataclasses.asdict(p),
+              "par": dataclasses.asdict(rc.parallel),
+              "optim": dataclasses.asdict(rc.optim) if trainable else None,
+              "total_steps": cfg.train.steps * p.ppo_epochs * p.minibatches if trainable else 0,
+              "rows_per_rank": p.prompts_per_iteration // rc.parallel.num_workers,
+              "run_dir": str(run_dir / role), "seed": cfg.seed,
+              "keep_last": cfg.checkpoint.keep_last}
+        if role == "actor" and p.ptx_coef > 0:
+            kw["ptx_dir"] = p.ptx_data
+        specs[role] = RoleSpec(WORKERS[role], rc.parallel, kw)
+    return specs
 
 
-def make_groups(cfg: PPOJobConfig, weights: dict[str, Path], run_dir: Path, local: bool,
-                address: str | None) -> Any:
-    from trellis.parallel.worker_group import LocalGroup, WorkerGroup, ensure_ray
-    from trellis.rl.ppo_trainer import ROLES, WORKERS, Groups
+class PPOSession:
+    """PPO on the driver loop: the four role groups and the single controller over them."""
+    name, metrics_kind = "ppo", "ppo"
 
-    kwargs = {r: _group_kwargs(cfg, r, weights, run_dir) for r in ROLES}
-    if local:
-        return Groups(**{r: LocalGroup(WORKERS[r], getattr(cfg, r).parallel, role=r,
-                                       worker_kwargs=kwargs[r]) for r in ROLES})
-    ensure_ray(address)
-    pg = None
-    if cfg.placement == "colocate":
-        import ray
-        from ray.util.placement_group import placement_group
-        pars = [getattr(cfg, r).parallel for r in ROLES]
-        bundle = {k: v for k, v in (("CPU", sum(p.cpus_per_worker for p in pars)),
-                                    ("GPU", sum(p.gpus_per_worker for p in pars))) if v}
-        pg = placement_group([bundle] * pars[0].num_workers, strategy=pars[0].placement,
-                             name="ppo-colocated")
-        ray.get(pg.ready(), timeout=120)
-    groups = Groups(actor=None, critic=None, reference=None, reward=None, pg=pg)
-    try:
-        for r in ROLES:
-            setattr(groups, r, WorkerGroup(WORKERS[r], getattr(cfg, r).parallel, role=r,
-                                           worker_kwargs=kwargs[r], placement_group=pg))
-    except BaseException:
-        groups.shutdown()
-        raise
-    return groups
+    def __init__(self, cfg: PPOJobConfig, prep: dict[str, Any], local: bool,
+                 address: str | None, resume: bool):
+        from trellis.parallel.placement import RoleGroups
+        from trellis.rl.ppo_trainer import PPOTrainer
+
+        self.cfg, self.resume = cfg, resume
+        self.groups = RoleGroups.start(_role_specs(cfg, prep["weights"], prep["run_dir"]),
+                                       colocate=cfg.placement == "colocate", local=local,
+                                       address=address, name="ppo")
+        self.trainer = PPOTrainer(cfg, self.groups, prep["prompts"], prep["eval"],
+                                  prep["run_dir"], prep["tokenizer"])
+        self.start_eval: dict[str, Any] = {}
+
+    def start(self) -> int:
+        resumed = self.resume and self.trainer.resume()
+        roles = ", ".join(f"{r} x{getattr(self.cfg, r).parallel.num_workers} "
+                          f"ZeRO-{getattr(self.cfg, r).parallel.zero_stage}"
+                          for r in ("actor", "critic", "reference", "reward"))
+        print(f"ppo: {self.cfg.ppo.prompts_per_iteration} prompts/iteration, roles {roles}, "
+              f"placement {self.cfg.placement}"
+              + (f"; resumed at iteration {self.trainer.iteration}" if resumed else ""),
+              flush=True)
+        if not resumed:
+            self.start_eval = self.trainer.evaluate()
+        return self.trainer.iteration
+
+    def train_step(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
+        return self.trainer.step()
+
+    def describe(self, step: int, r: dict[str, float]) -> str:
+        return (f"iteration {step}: score {r['score']:.3f} kl {r['kl']:.3f} "
+                f"beta {r['beta']:.4f} clip {r.get('actor/clip_fraction', 0):.3f} "
+                f"value_loss {r.get('critic/value_loss', 0):.4f} "
+                f"len {r['response_length']:.1f} {r['samples_per_second']:.1f} samples/s")
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        ev = self.trainer.evaluate()
+        return {"reward_mean": ev["reward_mean"], "kl": ev["kl_mean"]} if ev else {}
+
+    def save(self, step: int) -> None:
+        self.trainer.save()
+
+    def finish(self, last: dict[str, Any]) -> dict[str, Any]:
+        return {"start_eval": self.start_eval, "end_eval": self.trainer.evaluate(),
+                "last": last, "iteration": self.trainer.iteration,
+                "info": {r: g.call("info") for r, g in self.groups.items()}}
+
+    def shutdown(self) -> None:
+        self.groups.shutdown()
+
+
+def prepare(cfg: PPOJobConfig) -> dict[str, Any]:
+    """Weights, tokenizer, checked prompts and the run dir's own files, made once per job."""
+    from trellis.data_pipeline.structured import StructuredDataset
+    from trellis.launcher.jobs.finetune.driver import prepare_rows
+    from trellis.launcher.weights import write_run_model
+    from trellis.model.io import read_meta
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    weights = _weights(cfg, run_dir)
+    tok = _tokenizer(weights)
+    max_seq = read_meta(weights["actor"])["model"]["max_seq_len"]
+    prompts = StructuredDataset(prepare_rows(cfg.prompts, "prompts", tok,
+                                             run_dir / "data" / "prompts"))
+    check_prompts(prompts, cfg, max_seq, cfg.prompts)
+    eval_ds = None
+    if cfg.eval_prompts:
+        eval_ds = StructuredDataset(prepare_rows(cfg.eval_prompts, "prompts", tok,
+                                                 run_dir / "data" / "eval_prompts"))
+        check_prompts(eval_ds, cfg, max_seq, cfg.eval_prompts)
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    copy_tokenizer(tok.path, run_dir)
+    for role, head in (("actor", "lm"), ("critic", "value")):
+        (run_dir / role).mkdir(exist_ok=True)
+        copy_tokenizer(tok.path, run_dir / role)
+        write_run_model(run_dir / role, read_meta(weights[role])["model"], head)
+    return {"run_dir": run_dir, "weights": weights, "tokenizer": tok, "prompts": prompts,
+            "eval": eval_ds}
 
 
 def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> dict[str, Any]:
+    """Run PPO on the driver loop (with recovery); returns start/end evaluations, the last
+    iteration's metrics and each role's engine info."""
     from trellis.cluster.metrics import MetricsLogger
-    from trellis.data_pipeline.structured import StructuredDataset
-    from trellis.launcher.jobs.finetune.driver import prepare_rows
-    from trellis.launcher.progress import progress
-    from trellis.launcher.weights import write_run_model
-    from trellis.model.io import read_meta
-    from trellis.rl.ppo_trainer import PPOTrainer
+    from trellis.launcher.driver_loop import run_loop
 
     cpu_defaults()
     if local:
@@ -118,65 +175,19 @@ def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> d
         if bad:
             raise ConfigError(f"config key '{bad[0]}.parallel.num_workers': --local runs one "
                               f"worker per role")
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    weights = _weights(cfg, run_dir)
-    tok = _tokenizer(weights)
-    actor_meta = read_meta(weights["actor"])
-    prompts = StructuredDataset(prepare_rows(cfg.prompts, "prompts", tok, run_dir / "data" / "prompts"))
-    check_prompts(prompts, cfg, actor_meta["model"]["max_seq_len"], cfg.prompts)
-    eval_ds = None
-    if cfg.eval_prompts:
-        eval_ds = StructuredDataset(prepare_rows(cfg.eval_prompts, "prompts", tok,
-                                                 run_dir / "data" / "eval_prompts"))
-        check_prompts(eval_ds, cfg, actor_meta["model"]["max_seq_len"], cfg.eval_prompts)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    (run_dir / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
-    for role, head in (("actor", "lm"), ("critic", "value")):
-        (run_dir / role).mkdir(exist_ok=True)
-        (run_dir / role / "tokenizer.model").write_bytes(Path(tok.path).read_bytes())
-        write_run_model(run_dir / role, read_meta(weights[role])["model"], head)
-    metrics = MetricsLogger(run_dir, cfg.metrics, role="driver")
-    groups = make_groups(cfg, weights, run_dir, local, address)
+    prep = prepare(cfg)
+    metrics = MetricsLogger(prep["run_dir"], cfg.metrics, role="driver")
     try:
-        trainer = PPOTrainer(cfg, groups, prompts, eval_ds, run_dir, metrics, tok)
-        resumed = cfg.checkpoint.resume and trainer.resume()
-        print(f"ppo: {cfg.ppo.prompts_per_iteration} prompts/iteration, roles "
-              + ", ".join(f"{r} x{getattr(cfg, r).parallel.num_workers} "
-                          f"ZeRO-{getattr(cfg, r).parallel.zero_stage}" for r in
-                          ("actor", "critic", "reference", "reward"))
-              + f", placement {cfg.placement}"
-              + (f"; resumed at iteration {trainer.iteration}" if resumed else ""), flush=True)
-        result: dict[str, Any] = {"start_eval": trainer.evaluate() if not resumed else {}}
-        bar = progress(cfg.ppo.iterations, desc="ppo", unit="it", initial=trainer.iteration)
-        last: dict[str, float] = {}
-        end = min(cfg.ppo.iterations, cfg.stop_after) if cfg.stop_after else cfg.ppo.iterations
-        while trainer.iteration < end:
-            last = trainer.step()
-            print(f"iteration {trainer.iteration}: score {last['score']:.3f} "
-                  f"kl {last['kl']:.3f} beta {last['beta']:.4f} "
-                  f"clip {last.get('actor/clip_fraction', 0):.3f} "
-                  f"value_loss {last.get('critic/value_loss', 0):.4f} "
-                  f"len {last['response_length']:.1f} "
-                  f"{last['samples_per_second']:.1f} samples/s", flush=True)
-            every = cfg.checkpoint.every
-            if (every and trainer.iteration % every == 0) or trainer.iteration == end:
-                trainer.save()
-            if cfg.ppo.eval_every and trainer.iteration % cfg.ppo.eval_every == 0:
-                ev = trainer.evaluate()
-                if ev:
-                    metrics.log(trainer.iteration, {"reward_mean": ev["reward_mean"],
-                                                    "kl": ev["kl_mean"]}, kind="ppo_eval")
-            bar.update(1)
-        bar.close()
-        result |= {"last": last, "iteration": trainer.iteration,
-                   "info": {r: getattr(groups, r).call("info") for r in
-                            ("actor", "critic", "reference", "reward")},
-                   "end_eval": trainer.evaluate() if end == cfg.ppo.iterations else {}}
-        return result
+        return run_loop(lambda resume: PPOSession(cfg, prep, local, address, resume),
+                        cfg.train, cfg.checkpoint, metrics)
     finally:
-        groups.shutdown()
         metrics.close()
+
+
+def is_done(cfg: PPOJobConfig) -> bool:
+    """Has cfg.run_dir completed all cfg.train.steps iterations?"""
+    from trellis.rl.ppo_trainer import finished
+    return finished(Path(cfg.run_dir), cfg.train.steps)
 
 
 def run(args: argparse.Namespace) -> int:

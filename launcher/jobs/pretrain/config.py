@@ -1,5 +1,5 @@
-"""Job configs: each composes the components' own dataclasses into one tree that a YAML file
-and `--set` overrides fill (see launcher/config.py for the validation rules)."""
+"""`trellis pretrain` job config: the components' own dataclasses composed into one tree that
+a YAML file and `--set` overrides fill (validation rules: launcher/config_loader.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -8,25 +8,9 @@ from typing import Literal
 from trellis.cluster.metrics import MetricsConfig
 from trellis.data_pipeline.config import DataConfig
 from trellis.data_pipeline.tokenizer import TokenizerConfig
+from trellis.launcher.loop_config import LoopConfig
 from trellis.model.config import ModelConfig
 from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
-
-
-@dataclass
-class LoopConfig:
-    steps: int = field(default=300, metadata={"min": 1})
-    """Optimizer steps to train for (the schedule's length)."""
-    log_every: int = field(default=10, metadata={"min": 1})
-    """Steps between logged (and printed) metric rows."""
-    eval_every: int = field(default=100, metadata={"min": 0})
-    """Steps between validation passes; 0 = only at the end."""
-    eval_batches: int = field(default=4, metadata={"min": 1})
-    """Micro-batches per rank in a validation pass."""
-    stop_after: int = field(default=0, metadata={"min": 0})
-    """End this invocation after this step (checkpointed) though the schedule spans `steps`:
-    for time-sliced or preemptible allocations; a later run resumes. 0 = run to the end."""
-    max_failures: int = field(default=0, metadata={"min": 0})
-    """Worker deaths to recover from (restart the group, resume the latest checkpoint)."""
 
 
 @dataclass

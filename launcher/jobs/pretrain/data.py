@@ -15,7 +15,7 @@ from pathlib import Path
 from trellis.data_pipeline.corpus import default_corpus_documents, write_default_corpus
 from trellis.data_pipeline.ingest import ingest
 from trellis.data_pipeline.shards import MANIFEST_NAME
-from trellis.data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
 from trellis.launcher.config_loader import ConfigError
 from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
 
@@ -48,12 +48,12 @@ def prepare_data(cfg: PretrainJobConfig, run_dir: Path) -> PreparedData:
         first = Path(d.resolved_sources()[0].path)
         tok = Tokenizer(cfg.tokenizer.path or _manifest_tokenizer(first))
         # The run dir keeps its own copy, so export and later stages find it there.
-        own = run_dir / "tokenizer.model"
+        own = run_dir / TOKENIZER_FILE
         if not own.is_file() or Tokenizer(own).sha256 != tok.sha256:
             shutil.copyfile(tok.path, own)
         val = Path(d.val_path) if d.val_path else (first if d.val_fraction > 0 else None)
         return PreparedData(first, val, own, tok.vocab_size, tok.sha256)
-    tok_path = run_dir / "tokenizer.model"
+    tok_path = run_dir / TOKENIZER_FILE
     corpus_dir = run_dir / "corpus"
     if not tok_path.is_file():
         source = Path(cfg.tokenizer.path) if cfg.tokenizer.path else None

@@ -26,6 +26,12 @@ def pretrain(cfg: PretrainJobConfig, local: bool = False,
                                address=address)
 
 
+def is_done(cfg: Any) -> bool:
+    """Does cfg.run_dir hold the complete checkpoint of the schedule's last step?"""
+    from trellis.parallel.checkpoint import is_complete
+    return is_complete(cfg.run_dir, cfg.train.steps)
+
+
 def pretrain_spec(cfg: PretrainJobConfig) -> Any:
     """Prepare the run dir (data, tokenizer, teacher, config) and describe the workers."""
     from trellis.launcher.jobs.pretrain.data import prepare_data
@@ -51,7 +57,7 @@ def pretrain_spec(cfg: PretrainJobConfig) -> Any:
         from trellis.model.config import ModelConfig
         teacher = materialize(cfg.distill.teacher, run_dir / "teacher")
         kwargs["teacher_dir"] = str(teacher)
-        model_cfg = student_config(ModelConfig(**read_meta(teacher)["model"]), cfg.model.dropout)
+        model_cfg = student_config(ModelConfig.from_saved(read_meta(teacher)["model"]), cfg.model.dropout)
     write_run_model(run_dir, dataclasses.asdict(model_cfg), head)
     return LoopSpec(role="pretrain", worker="trellis.launcher.jobs.pretrain.worker:PretrainWorker",
                     worker_kwargs=kwargs,

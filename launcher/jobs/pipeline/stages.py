@@ -1,0 +1,78 @@
+"""The pipeline's stages as typed job configs: each stage's config is its job's own dataclass,
+composed from the pipeline config with `dataclasses.replace` (no `--set` strings), then
+validated like a loaded config (ranges, allowed values, cross-field checks)."""
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+from trellis.launcher.config_loader import from_dict
+from trellis.launcher.jobs.finetune.config import RMJobConfig, RowsConfig, SFTJobConfig
+from trellis.launcher.jobs.pipeline.config import PipelineConfig, StageConfig
+from trellis.launcher.jobs.ppo.config import PPOJobConfig
+from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
+
+T = TypeVar("T")
+
+
+def _checked(cfg: T) -> T:
+    """Validate a composed config exactly as `load_config` validates a YAML one."""
+    return from_dict(type(cfg), asdict(cfg))
+
+
+def _stage(job: Any, s: StageConfig, run_dir: Path, seed: int) -> Any:
+    """A training job's config with one pipeline stage's knobs applied."""
+    return replace(
+        job, run_dir=str(run_dir), seed=seed,
+        optim=replace(job.optim, lr=s.lr, warmup_steps=max(1, s.steps // 10)),
+        parallel=replace(job.parallel, micro_batch_size=s.micro_batch_size,
+                         num_workers=s.num_workers, zero_stage=s.zero_stage,
+                         cpus_per_worker=0.8 / s.num_workers),
+        train=replace(job.train, steps=s.steps, log_every=max(1, s.steps // 5), eval_every=0),
+        metrics=replace(job.metrics, port=-1))
+
+
+def _rows(cfg: PipelineConfig, train: Path) -> RowsConfig:
+    return RowsConfig(train=str(train), max_len=cfg.max_len, max_prompt_len=cfg.max_prompt_len)
+
+
+def pretrain_config(cfg: PipelineConfig, run_dir: Path, data: Path, tokenizer: Path,
+                    vocab: int) -> PretrainJobConfig:
+    job = PretrainJobConfig()
+    job = replace(job, model=replace(cfg.model, vocab_size=vocab),
+                  tokenizer=replace(job.tokenizer, path=str(tokenizer)),
+                  data=replace(job.data, path=str(data), seq_len=cfg.seq_len, val_fraction=0.02),
+                  train=replace(job.train, sample_tokens=0))
+    return _checked(_stage(job, cfg.pretrain, run_dir, cfg.seed))
+
+
+def sft_config(cfg: PipelineConfig, run_dir: Path, init: Path,
+               demonstrations: Path) -> SFTJobConfig:
+    job = SFTJobConfig(init_from=str(init), data=_rows(cfg, demonstrations))
+    return _checked(_stage(job, cfg.sft, run_dir, cfg.seed))
+
+
+def rm_config(cfg: PipelineConfig, run_dir: Path, init: Path, comparisons: Path,
+              demonstrations: Path) -> RMJobConfig:
+    job = RMJobConfig(init_from=str(init), data=_rows(cfg, comparisons),
+                      normalize_on=str(demonstrations))
+    return _checked(_stage(job, cfg.rm, run_dir, cfg.seed))
+
+
+def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rm: Path,
+               prompts: Path) -> PPOJobConfig:
+    job = PPOJobConfig(actor_init=str(sft), reward_init=str(rm), prompts=str(prompts))
+    w = cfg.ppo_workers
+
+    def role(r: Any, lr: float | None = None) -> Any:
+        par = replace(r.parallel, num_workers=w, cpus_per_worker=0.2 / w)
+        return replace(r, parallel=par) if lr is None else \
+            replace(r, parallel=par, optim=replace(r.optim, lr=lr))
+
+    job = replace(job, run_dir=str(run_dir), seed=cfg.seed, placement=cfg.placement,
+                  ppo=cfg.ppo, train=replace(job.train, steps=cfg.ppo_iterations),
+                  actor=role(job.actor, cfg.ppo_actor_lr), critic=role(job.critic, cfg.ppo_critic_lr),
+                  reference=role(job.reference), reward=role(job.reward),
+                  metrics=replace(job.metrics, port=-1))
+    return _checked(job)
