@@ -4,6 +4,9 @@ inspect, tail and stop submitted jobs (ray.job_submission.JobSubmissionClient).
 The project directory travels as the job's runtime_env working_dir (minus .venv, build,
 runs, .git and other bulky or local folders); the config file is given to the entrypoint
 relative to it, so it must live inside the project. Clients use Ray token auth.
+
+Which job kinds may be submitted, and which standard flags each accepts, is passed in by the
+caller (the launcher, from its job registry): cluster/ imports nothing from launcher/.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import AbstractSet, Any, Iterator, Mapping, TextIO
 
 import yaml
 
@@ -24,7 +27,11 @@ from trellis.cluster.head import DEFAULT_TEMP_DIR, ClusterError, read_state, use
 EXCLUDES = ["/.venv", "/build", "/runs", "/.git", "/data", "/.pytest_cache", "*.egg-info",
             "__pycache__", "*.pyc"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-NOT_JOBS = ("cluster", "submit", "jobs", "plot")  # subcommands that are not job kinds
+
+# Job kind -> the standard flags `trellis <kind>` accepts, named as options without '--' and
+# with '_' for '-' (config, set, local, run_dir, max_failures, no_resume, ...); only these
+# kinds may be submitted.
+JobKinds = Mapping[str, AbstractSet[str]]
 
 
 @dataclass
@@ -35,6 +42,8 @@ class SubmitSpec:
     overrides: list[str] = field(default_factory=list)
     local: bool = False           # pass --local: the whole job in the entrypoint process
     run_dir: str | None = None    # pass --run-dir (use a path the cluster nodes share)
+    max_failures: int | None = None  # pass --max-failures
+    no_resume: bool = False       # pass --no-resume
     working_dir: str | None = ""  # "" = the trellis project; None = no upload
     env: dict[str, str] = field(default_factory=dict)
     num_cpus: float | None = None  # None: 1 with --local, else 0 (workers hold the CPUs)
@@ -77,10 +86,9 @@ def connect(address: str | None = None, temp_dir: str = DEFAULT_TEMP_DIR):
         raise ClusterError(f"cannot reach the Ray Jobs API at {url}: {first}") from None
 
 
-def job_kind(config: Path, flag: str = "") -> str:
-    """The job subcommand: --job, else the YAML's top-level `job:` key, else pretrain."""
-    from trellis.launcher.cli import SUBCOMMANDS
-
+def job_kind(config: Path, flag: str, kinds: JobKinds) -> str:
+    """The job subcommand: --job, else the YAML's top-level `job:` key, else pretrain; one
+    of `kinds`."""
     kind = flag
     if not kind:
         try:
@@ -89,11 +97,31 @@ def job_kind(config: Path, flag: str = "") -> str:
             raise ClusterError(f"config file '{config}': invalid YAML ({e})") from None
         kind = data.get("job", "") if isinstance(data, dict) else ""
     kind = kind or "pretrain"
-    jobs = sorted(k for k in SUBCOMMANDS if k not in NOT_JOBS)
-    if kind not in jobs:
-        raise ClusterError(f"config '{config}': job {kind!r} is not a trellis job "
-                           f"(allowed: {', '.join(jobs)})")
+    if kind not in kinds:
+        raise ClusterError(f"job {kind!r} cannot be submitted: it is not a trellis job that "
+                           f"runs on a cluster (allowed: {', '.join(sorted(kinds))})")
     return kind
+
+
+def _option(flag: str) -> str:
+    return "--" + flag.replace("_", "-")
+
+
+def used_flags(spec: SubmitSpec) -> list[str]:
+    """The standard flags this submission passes to the job."""
+    wanted = {"config": True, "set": bool(spec.overrides), "local": spec.local,
+              "run_dir": bool(spec.run_dir), "max_failures": spec.max_failures is not None,
+              "no_resume": spec.no_resume}
+    return [f for f, on in wanted.items() if on]
+
+
+def check_flags(kind: str, spec: SubmitSpec, accepted: AbstractSet[str]) -> None:
+    """ClusterError naming the first flag `trellis <kind>` would reject."""
+    for flag in used_flags(spec):
+        if flag not in accepted:
+            takes = ", ".join(_option(f) for f in sorted(accepted)) or "none"
+            raise ClusterError(f"job {kind!r} does not accept {_option(flag)} "
+                               f"(its flags: {takes})")
 
 
 def _config_arg(config: Path, working_dir: Path | None) -> str:
@@ -112,7 +140,10 @@ def _config_arg(config: Path, working_dir: Path | None) -> str:
     return rel.as_posix()
 
 
-def build_entrypoint(kind: str, config_arg: str, spec: SubmitSpec) -> str:
+def build_entrypoint(kind: str, config_arg: str, spec: SubmitSpec,
+                     accepted: AbstractSet[str]) -> str:
+    """`trellis <kind> --config F ...`, from the flags the kind accepts only."""
+    check_flags(kind, spec, accepted)
     cmd = ["trellis", kind, "--config", config_arg]
     for o in spec.overrides:
         cmd += ["--set", o]
@@ -120,11 +151,17 @@ def build_entrypoint(kind: str, config_arg: str, spec: SubmitSpec) -> str:
         cmd.append("--local")
     if spec.run_dir:
         cmd += ["--run-dir", spec.run_dir]
+    if spec.max_failures is not None:
+        cmd += ["--max-failures", str(spec.max_failures)]
+    if spec.no_resume:
+        cmd.append("--no-resume")
     return shlex.join(cmd)
 
 
-def prepare(spec: SubmitSpec) -> dict[str, Any]:
-    """Everything submit_job needs, without contacting the cluster (testable offline)."""
+def prepare(spec: SubmitSpec, kinds: JobKinds) -> dict[str, Any]:
+    """Everything submit_job needs, without contacting the cluster (testable offline).
+    `kinds`: the job kinds that may be submitted, each with the standard flags it accepts.
+    Raises ClusterError (one line) for a kind not in `kinds` or a flag it does not accept."""
     config = Path(spec.config)
     if not config.is_file():
         raise ClusterError(f"config file '{config}' does not exist")
@@ -134,7 +171,7 @@ def prepare(spec: SubmitSpec) -> dict[str, Any]:
         wd = Path(spec.working_dir) if spec.working_dir else None
     if wd is not None and not wd.is_dir():
         raise ClusterError(f"working dir '{wd}' does not exist")
-    kind = job_kind(config, spec.job)
+    kind = job_kind(config, spec.job, kinds)
     sid = spec.submission_id or (
         f"trellis-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")
     env = {"PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token", "TRELLIS_JOB_ID": sid,
@@ -143,21 +180,20 @@ def prepare(spec: SubmitSpec) -> dict[str, Any]:
     if wd is not None:
         runtime_env.update(working_dir=str(wd), excludes=list(EXCLUDES))
     cpus = spec.num_cpus if spec.num_cpus is not None else (1 if spec.local else 0)
-    return dict(entrypoint=build_entrypoint(kind, _config_arg(config, wd), spec),
+    return dict(entrypoint=build_entrypoint(kind, _config_arg(config, wd), spec, kinds[kind]),
                 submission_id=sid, runtime_env=runtime_env,
                 metadata={"trellis_job": kind, "config": str(config)},
                 entrypoint_num_cpus=cpus, entrypoint_num_gpus=spec.num_gpus,
                 entrypoint_memory=spec.memory)
 
 
-def submit(client, spec: SubmitSpec) -> str:
-    """Submit; returns the submission id."""
-    kwargs = prepare(spec)
+def submit(client, prepared: dict[str, Any]) -> str:
+    """Submit what prepare() returned; returns the submission id."""
     try:
-        return client.submit_job(**kwargs)
+        return client.submit_job(**prepared)
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ClusterError(f"submitting {spec.config}: {first}") from None
+        raise ClusterError(f"submitting {prepared['metadata']['config']}: {first}") from None
 
 
 def _call(fn, sid: str, *a):

@@ -10,7 +10,11 @@ Every failure is a ConfigError whose message is one line naming the key.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -198,8 +202,10 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None,
-                overrides: typing.Sequence[str] = ()) -> T:
-    """Build `cls` from an optional YAML file plus `key=value` overrides."""
+                overrides: typing.Sequence[str] = (), job: str | None = None) -> T:
+    """Build `cls` from an optional YAML file plus `key=value` overrides. A file's top-level
+    `job:` key names the command it is for (what `trellis submit` reads); it is checked
+    against `job` (the running command) when given, and is not a config key."""
     data: dict = {}
     if path is not None:
         p = Path(path)
@@ -212,6 +218,10 @@ def load_config(cls: type[T], path: str | Path | None = None,
             raise ConfigError(f"config file '{p}': invalid YAML ({first})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}': top level must be a mapping")
+        made_for = data.pop("job", None)
+        if job and made_for and made_for != job:
+            raise ConfigError(f"config file '{p}': it is for `trellis {made_for}` (key 'job'), "
+                              f"not `trellis {job}`")
     for item in overrides:
         key, value = parse_override(item)
         _set_path(data, key, value)
@@ -228,3 +238,72 @@ def to_dict(cfg: Any) -> dict:
 
 def dump_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---- YAML with each key's doc (`trellis <job> --print-config`) ------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _own_docs(cls: type) -> tuple[str, dict[str, str]]:
+    """(class docstring, {field: doc}) from `cls`'s own source: a field's doc is the string
+    literal right under it. Whitespace is folded into one line. Empty when there is no source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return "", {}
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef)), None)
+    if node is None:
+        return "", {}
+    docs = {}
+    for stmt, nxt in zip(node.body, node.body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = " ".join(nxt.value.value.split())
+    return " ".join((ast.get_docstring(node) or "").split()), docs
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's doc, inherited ones included (a subclass's own doc wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update(_own_docs(klass)[1])
+    return docs
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, tuples and containers as the dicts and lists YAML writes."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if f.init}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _doc_lines(cfg: Any, indent: str, width: int) -> typing.Iterator[str]:
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        section = dataclasses.is_dataclass(value) and not isinstance(value, type)
+        doc = docs.get(f.name) or (_own_docs(type(value))[0] if section else "")
+        for line in textwrap.wrap(doc, max(40, width - len(indent) - 2)):
+            yield f"{indent}# {line}"
+        if section and any(g.init for g in dataclasses.fields(value)):
+            yield f"{indent}{f.name}:"
+            yield from _doc_lines(value, indent + "  ", width)
+        else:
+            text = yaml.safe_dump({f.name: _plain(value)}, sort_keys=False, width=10_000,
+                                  allow_unicode=True)
+            yield from (indent + line for line in text.rstrip("\n").splitlines())
+
+
+def dump_yaml_with_docs(cfg: Any, width: int = 92) -> str:
+    """`cfg` as YAML that load_config reads back to an equal config, each key preceded by
+    its doc (the string under the dataclass field; for a section without one, its class
+    docstring) as a comment, nested sections indented."""
+    return "\n".join(_doc_lines(cfg, "", width)) + "\n"

@@ -6,13 +6,21 @@ import argparse
 import os
 from typing import Any
 
-from trellis.launcher.cli import add_job_arguments
-from trellis.launcher.config_loader import ConfigError, load_config
+from trellis.launcher.config_loader import ConfigError, dump_yaml_with_docs, load_config
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """--config, --set and --print-config: every job subcommand has them."""
+    p.add_argument("--config", help="YAML job config (see launcher/configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=3e-4 (repeatable)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML, each key's doc as a comment) and exit")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, recovery: bool = True) -> None:
-    """--config/--set plus --local/--run-dir/--address; `recovery` adds the training loop's
-    --max-failures and --no-resume (pretrain, sft, rm)."""
+    """--config/--set plus --local/--run-dir/--address; `recovery` adds the driver loop's
+    --max-failures and --no-resume (pretrain, sft, rm, ppo)."""
     add_job_arguments(p)
     p.add_argument("--local", action="store_true",
                    help="run in this process, without Ray (debuggers work)")
@@ -30,16 +38,31 @@ def resolve_config(cls: type, args: argparse.Namespace) -> Any:
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"run_dir={args.run_dir}")
-    if getattr(args, "max_failures", None) is not None:
-        overrides.append(f"train.max_failures={args.max_failures}")
+    if getattr(args, "max_failures", None) is not None:  # the driver loop's, where it has one
+        key = "train.max_failures" if "train" in _field_names(cls) else "max_failures"
+        overrides.append(f"{key}={args.max_failures}")
     if getattr(args, "no_resume", False):
         overrides.append("checkpoint.resume=false")
-    cfg = load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config, overrides, job=getattr(args, "command", None))
     par = getattr(cfg, "parallel", None)
     if args.local and par is not None and par.num_workers != 1:
         raise ConfigError(f"config key 'parallel.num_workers': --local runs one worker, "
                           f"got {par.num_workers}")
     return cfg
+
+
+def _field_names(cls: type) -> set[str]:
+    import dataclasses
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def print_config(cls: type, args: argparse.Namespace) -> None:
+    """--print-config: the config the job would run with, as YAML with each key's doc."""
+    if hasattr(args, "run_dir"):  # the flags of add_run_arguments
+        cfg = resolve_config(cls, args)
+    else:
+        cfg = load_config(cls, args.config, args.overrides, job=getattr(args, "command", None))
+    print(dump_yaml_with_docs(cfg), end="")
 
 
 def cpu_defaults() -> None:

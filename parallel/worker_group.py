@@ -66,12 +66,28 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None,
 
 
 class _Worker:
-    """The Ray actor body (made remote lazily so importing this module needs no Ray)."""
+    """The Ray actor body (made remote lazily so importing this module needs no Ray).
+
+    Its process is titled `ray::trellis <role>/rank<r>` in ps/top, idle or busy (a call
+    appends its method). Ray titles an actor process `ray::<Class>.<method>` while a task
+    runs and `ray::<Class>` between tasks, the class name read off the actor object anew at
+    each task; so the actor takes a subclass of its own named so, and sets the title itself
+    when a call starts. The `ray::` prefix stays: `ray stop` finds stray workers by it."""
 
     def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str]):
         os.environ.update(env)
         self.role, self.rank, self.world_size = role, rank, world_size
         self.obj: Any = None
+        self._name = f"trellis {role}/rank{rank}"
+        self.__class__ = type(self._name, (type(self),), {})  # idle: ray::<class name>
+        self._title()
+
+    def _title(self, doing: str = "") -> None:
+        try:
+            from ray._raylet import setproctitle  # Ray's own (what Ray titles tasks with)
+        except ImportError:
+            return
+        setproctitle(f"ray::{self._name}" + (f" {doing}" if doing else ""))
 
     def __repr__(self) -> str:  # Ray prefixes this actor's log lines with it
         return f"{self.role}/rank{self.rank}"
@@ -84,11 +100,13 @@ class _Worker:
 
     def setup(self, addr: str, port: int, backend: str, worker_cls: type | str,
               kwargs: dict[str, Any]) -> int:
+        self._title("setup")
         dist.init_distributed(self.rank, self.world_size, addr, port, backend)
         self.obj = resolve_class(worker_cls)(self.rank, self.world_size, **kwargs)
         return os.getpid()
 
     def call(self, method: str, args_kwargs: tuple[tuple, dict]) -> Any:
+        self._title(method)
         args, kwargs = args_kwargs
         return getattr(self.obj, method)(*args, **kwargs)
 

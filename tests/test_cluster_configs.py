@@ -2,11 +2,9 @@
 whose arguments the real parser (and, for jobs, the real config loader) accepts, Ray runs
 with token auth, and the Prometheus/Grafana files name metrics trellis really exports."""
 import fnmatch
-import importlib
 import json
 import re
 import shlex
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -15,13 +13,13 @@ import yaml
 
 from trellis.cluster.head import DEFAULT_TEMP_DIR
 from trellis.cluster.metrics import MetricsConfig, MetricsLogger
-from trellis.launcher.cli import SUBCOMMANDS, build_parser
+from trellis.launcher.cli import build_parser
 from trellis.launcher.config_loader import load_config
+from trellis.launcher.registry import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "cluster" / "configs"
 SEPARATORS = {";", "&&", "||", "|", "&"}
-JOB_CONFIGS = {"pretrain": "trellis.launcher.jobs.pretrain.config:PretrainJobConfig"}  # job -> its config class
 
 
 def load(name: str):
@@ -75,41 +73,39 @@ def trellis_commands(tree) -> list[list[str]]:
     return out
 
 
-def check_trellis_command(argv: list[str], monkeypatch) -> None:
+def check_trellis_command(argv: list[str]) -> None:
     """The real CLI parser accepts it; a job's --config/--set load with the real config."""
-    assert len(argv) > 1 and argv[1] in SUBCOMMANDS, f"not a trellis subcommand: {argv}"
-    monkeypatch.setattr(sys, "argv", argv)  # build_parser imports the named subcommand
+    assert len(argv) > 1 and argv[1] in COMMANDS, f"not a trellis subcommand: {argv}"
     try:
-        args = build_parser().parse_args(argv[1:])
+        args = build_parser(argv[1:]).parse_args(argv[1:])  # imports the named subcommand
     except SystemExit as e:
         assert e.code == 0, f"trellis rejects its arguments: {shlex.join(argv)}"
         return  # --help
     if getattr(args, "config", None):
         assert (ROOT / args.config).is_file(), f"{args.config} is not in the project"
-        if argv[1] in JOB_CONFIGS:  # raises ConfigError on an unknown key or a bad value
-            module, cls = JOB_CONFIGS[argv[1]].split(":")
-            load_config(getattr(importlib.import_module(module), cls), ROOT / args.config,
-                        args.overrides)
+        cls = COMMANDS[argv[1]].config_class()
+        if cls is not None:  # raises ConfigError on an unknown key or a bad value
+            load_config(cls, ROOT / args.config, args.overrides)
 
 
 @pytest.mark.parametrize("name", ["autoscaler.yaml", "rayjob.yaml", "raycluster.yaml"])
-def test_every_trellis_command_is_real(name, monkeypatch):
+def test_every_trellis_command_is_real(name):
     cmds = trellis_commands(load(name))
     assert cmds, f"{name} runs no trellis command"
     for argv in cmds:
-        check_trellis_command(argv, monkeypatch)
+        check_trellis_command(argv)
 
 
-def test_command_checker_catches_bad_commands(monkeypatch):
+def test_command_checker_catches_bad_commands():
     assert trellis_commands({"a": ["X=1 trellis frobnicate --x && ls", "ls | trellis plot r"]}) \
         == [["trellis", "frobnicate", "--x"], ["trellis", "plot", "r"]]
     with pytest.raises(AssertionError, match="not a trellis subcommand"):
-        check_trellis_command(["trellis", "frobnicate"], monkeypatch)
+        check_trellis_command(["trellis", "frobnicate"])
     with pytest.raises(AssertionError, match="rejects its arguments"):
-        check_trellis_command(["trellis", "jobs", "status"], monkeypatch)  # ID missing
+        check_trellis_command(["trellis", "jobs", "status"])  # ID missing
     with pytest.raises(Exception, match="no_such_key"):
         check_trellis_command(["trellis", "pretrain", "--config", "tests/data/cluster_tiny.yaml",
-                               "--set", "train.no_such_key=1"], monkeypatch)
+                               "--set", "train.no_such_key=1"])
 
 
 def test_autoscaler_installs_trellis_and_keeps_token_auth():

@@ -21,7 +21,7 @@ from trellis.cluster.head import free_port, head_processes, listening_sockets, r
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests/data/cluster_tiny.yaml"
 LOOPBACK = ("127.0.0.1", "::ffff:127.0.0.1")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 STEPS = 300  # tests/data/cluster_tiny.yaml: long enough to be scraped while it runs
@@ -233,3 +233,48 @@ def test_stop_a_running_job_and_unknown_ids(head, jobs):
     assert st.returncode == 1 and "status:        STOPPED" in st.stdout
     missing = trellis("jobs", "status", "no-such-job", *head["addr"])
     assert missing.returncode == 1 and "no job with submission id 'no-such-job'" in missing.stderr
+
+
+INGEST_LINES = [f"Line {i}: the quick brown fox jumps over the lazy dog {i % 7} times."
+                for i in range(40)]
+
+
+@pytest.fixture
+def ingest_inputs():
+    """A tiny text input and an ingest config inside the uploaded project (tests/data is
+    uploaded; /data, /runs, /build are not), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="tmp-ingest-", dir=ROOT / "tests" / "data"))
+    rel = folder.relative_to(ROOT).as_posix()
+    (folder / "notes.txt").write_text("\n".join(INGEST_LINES) + "\n")
+    (folder / "ingest.yaml").write_text(
+        "sources:\n"
+        f"  - {{name: notes, paths: [{rel}/notes.txt], text_mode: lines}}\n"
+        "tokenizer: {vocab_size: 400, num_threads: 1}\n"
+        "processes: 1\n")
+    try:
+        yield rel
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_ingest_runs_as_a_cluster_job(head, ingest_inputs, tmp_path):
+    """A job that is not training: `trellis ingest` submitted with --job, only the flags
+    ingest accepts in its entrypoint, SUCCEEDED, and its output folder has a manifest."""
+    out = tmp_path / "ingested"
+    refused = trellis("submit", "--job", "ingest", "--config", f"{ingest_inputs}/ingest.yaml",
+                      "--local", *head["addr"])
+    assert refused.returncode == 1 and "does not accept --local" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    sub = trellis("submit", "--job", "ingest", "--config", f"{ingest_inputs}/ingest.yaml",
+                  "--set", f"out_dir={out}", *head["addr"])
+    assert sub.returncode == 0, sub.stderr
+    sid = re.search(r"submitted: (\S+)", sub.stdout).group(1)
+    assert sid.startswith("trellis-ingest-")
+    st = trellis("jobs", "status", sid, "--wait", "--timeout", "300", *head["addr"], timeout=360)
+    logs = trellis("jobs", "logs", sid, *head["addr"]).stdout
+    assert st.returncode == 0 and "status:        SUCCEEDED" in st.stdout, st.stdout + logs
+    assert (f"entrypoint:    trellis ingest --config {ingest_inputs}/ingest.yaml "
+            f"--set out_dir={out}") in st.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_documents"] == len(INGEST_LINES) and manifest["num_tokens"] > 0
+    assert re.search(rf"ingested {len(INGEST_LINES)} documents, \d+ tokens", logs), logs

@@ -1,24 +1,34 @@
 """`trellis submit` without a cluster: the entrypoint, runtime_env and resources it would
-send, what Ray's own packager would upload, and the errors for bad input."""
+send, what Ray's own packager would upload, and the errors for bad input. The job kinds
+cluster/ may submit come from the launcher's registry, passed in (cluster/ never imports
+launcher/); tests/test_cli.py parses every kind's entrypoint with its real parser."""
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from trellis.cluster.head import ClusterError
-from trellis.cluster.ray_jobs import EXCLUDES, SubmitSpec, prepare, resolve_address
+from trellis.cluster import ray_jobs
+from trellis.cluster.ray_jobs import EXCLUDES, SubmitSpec, resolve_address
+from trellis.launcher.registry import cluster_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests/data/cluster_tiny.yaml"
+KINDS = cluster_jobs()
+
+
+def prepare(spec: SubmitSpec, kinds=KINDS) -> dict:
+    return ray_jobs.prepare(spec, kinds)
 
 
 def test_prepare_builds_trellis_entrypoint_and_runtime_env(monkeypatch):
     monkeypatch.chdir(ROOT)
     kw = prepare(SubmitSpec(config=TINY, overrides=["train.steps=3", "optim.lr=1e-3"],
-                            local=True, run_dir="/shared/r 1", env={"A": "b"}))
+                            local=True, run_dir="/shared/r 1", max_failures=2, no_resume=True,
+                            env={"A": "b"}))
     assert kw["entrypoint"] == ("trellis pretrain --config tests/data/cluster_tiny.yaml "
                                 "--set train.steps=3 --set optim.lr=1e-3 --local "
-                                "--run-dir '/shared/r 1'")
+                                "--run-dir '/shared/r 1' --max-failures 2 --no-resume")
     env = kw["runtime_env"]
     assert env["working_dir"] == str(ROOT)
     assert {"/.venv", "/build", "/runs", "/.git"} <= set(env["excludes"])
@@ -51,11 +61,39 @@ def test_job_kind_from_yaml_key_and_flag(tmp_path):
     cfg.write_text("job: pretrain\ntrain: {steps: 2}\n")
     kw = prepare(SubmitSpec(config=str(cfg), working_dir=str(tmp_path)))
     assert kw["entrypoint"] == "trellis pretrain --config job.yaml"
+    kw = prepare(SubmitSpec(config=str(cfg), job="ingest", working_dir=str(tmp_path)))
+    assert kw["entrypoint"] == "trellis ingest --config job.yaml"
+    assert kw["metadata"]["trellis_job"] == "ingest"
     cfg.write_text("job: plot\n")
-    with pytest.raises(ClusterError, match=r"job 'plot' is not a trellis job \(allowed: .*pretrain"):
+    with pytest.raises(ClusterError, match=r"job 'plot' cannot be submitted: it is not a trellis "
+                                           r"job that runs on a cluster \(allowed: .*pretrain"):
         prepare(SubmitSpec(config=str(cfg), working_dir=str(tmp_path)))
-    with pytest.raises(ClusterError, match="job 'nope' is not a trellis job"):
+    with pytest.raises(ClusterError, match="job 'nope' cannot be submitted"):
         prepare(SubmitSpec(config=str(cfg), job="nope", working_dir=str(tmp_path)))
+
+
+def test_kinds_and_their_flags_are_the_callers():
+    """cluster/ submits only the kinds it is given, with the flags each accepts."""
+    kinds = {"alpha": {"config", "set"}, "beta": {"config", "local", "run_dir"}}
+    spec = SubmitSpec(config=TINY, job="alpha", working_dir=str(ROOT))
+    assert prepare(spec, kinds)["entrypoint"] == f"trellis alpha --config {TINY}"
+    with pytest.raises(ClusterError, match=r"job 'pretrain' cannot be submitted.*"
+                                           r"\(allowed: alpha, beta\)"):
+        prepare(SubmitSpec(config=TINY, job="pretrain", working_dir=str(ROOT)), kinds)
+    with pytest.raises(ClusterError, match=r"^job 'alpha' does not accept --local "
+                                           r"\(its flags: --config, --set\)$"):
+        prepare(SubmitSpec(config=TINY, job="alpha", local=True, working_dir=str(ROOT)), kinds)
+    with pytest.raises(ClusterError, match="job 'beta' does not accept --set"):
+        prepare(SubmitSpec(config=TINY, job="beta", overrides=["a=1"], working_dir=str(ROOT)),
+                kinds)
+    beta = prepare(SubmitSpec(config=TINY, job="beta", local=True, run_dir="/r",
+                              working_dir=str(ROOT)), kinds)["entrypoint"]
+    assert beta == f"trellis beta --config {TINY} --local --run-dir /r"
+
+
+def test_cluster_imports_nothing_from_launcher():
+    for path in (ROOT / "cluster").glob("*.py"):
+        assert "trellis.launcher" not in path.read_text(), path
 
 
 def test_bad_config_locations(tmp_path, monkeypatch):

@@ -71,3 +71,14 @@ def test_cli_config_error_exits_2_with_one_line(override, key):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and key in lines[0], proc.stderr
+
+
+def test_a_config_file_names_its_job(tmp_path):
+    """`job:` (what `trellis submit` reads) is not a config key; a file for another job is
+    refused in one line."""
+    f = tmp_path / "p.yaml"
+    f.write_text("job: pretrain\ntrain:\n  steps: 7\n")
+    assert load_config(PretrainJobConfig, f, job="pretrain").train.steps == 7
+    assert load_config(PretrainJobConfig, f).train.steps == 7
+    with pytest.raises(ConfigError, match=r"it is for `trellis pretrain` \(key 'job'\), not `trellis sft`"):
+        load_config(PretrainJobConfig, f, job="sft")

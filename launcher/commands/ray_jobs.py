@@ -1,14 +1,16 @@
 """`trellis submit` and `trellis jobs`: run job configs on a Ray cluster through Ray Jobs.
 
   trellis submit --config F.yaml [--set k=v ...] [--job KIND] [--local] [--run-dir D]
-                 [--address URL] [--env K=V ...] [--num-cpus N] [--num-gpus N]
-                 [--submission-id ID] [--wait | --follow]
+                 [--max-failures N] [--no-resume] [--address URL] [--env K=V ...]
+                 [--num-cpus N] [--num-gpus N] [--submission-id ID] [--wait | --follow]
   trellis jobs list
   trellis jobs status ID [--wait] [--timeout S]     exit 1 if the job FAILED or was STOPPED
   trellis jobs logs ID [--follow]
   trellis jobs stop ID
 The cluster address: --address, else $RAY_API_SERVER_ADDRESS, else the head that
 `trellis cluster up` started, else http://127.0.0.1:8265. Clients use Ray token auth.
+Only the registry's cluster jobs may be submitted, with the flags each accepts (checked
+before the cluster is contacted).
 """
 from __future__ import annotations
 
@@ -35,13 +37,18 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _submit_arguments(p: argparse.ArgumentParser) -> None:
-    from trellis.launcher.cli import add_job_arguments
+    from trellis.launcher.registry import cluster_jobs
 
-    add_job_arguments(p)
+    p.add_argument("--config", help="the job's YAML config (inside the uploaded project)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the job as --set KEY=VALUE (repeatable)")
     _common(p)
-    p.add_argument("--job", default="", help="job kind (default: the YAML's `job:`, else pretrain)")
+    p.add_argument("--job", default="", help="job kind: " + ", ".join(sorted(cluster_jobs()))
+                   + " (default: the YAML's `job:`, else pretrain)")
     p.add_argument("--local", action="store_true", help="run the job in one process (--local)")
     p.add_argument("--run-dir", default=None, help="passed to the job; use shared storage")
+    p.add_argument("--max-failures", type=int, default=None, help="passed to the job")
+    p.add_argument("--no-resume", action="store_true", help="passed to the job")
     p.add_argument("--working-dir", default="",
                    help="folder uploaded as the job's working dir (default: this trellis "
                         "project; 'none' uploads nothing)")
@@ -100,17 +107,20 @@ def _pairs(items: list[str]) -> dict[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from trellis.cluster import jobs
+    from trellis.cluster import ray_jobs as jobs
+    from trellis.launcher.registry import cluster_jobs
 
     if not args.config:
         raise ClusterError("--config is required")
     wd = None if args.working_dir.lower() == "none" else args.working_dir
     spec = jobs.SubmitSpec(config=args.config, job=args.job, overrides=args.overrides,
-                           local=args.local, run_dir=args.run_dir, working_dir=wd,
-                           env=_pairs(args.env), num_cpus=args.num_cpus,
+                           local=args.local, run_dir=args.run_dir,
+                           max_failures=args.max_failures, no_resume=args.no_resume,
+                           working_dir=wd, env=_pairs(args.env), num_cpus=args.num_cpus,
                            num_gpus=args.num_gpus, submission_id=args.submission_id)
+    prepared = jobs.prepare(spec, cluster_jobs())  # refuses bad kinds/flags offline
     client = _client(args)
-    sid = jobs.submit(client, spec)
+    sid = jobs.submit(client, prepared)
     print(f"submitted: {sid}", flush=True)
     print(f"  follow:  trellis jobs logs {sid} --follow", flush=True)
     if args.follow:
@@ -123,7 +133,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from trellis.cluster import jobs
+    from trellis.cluster import ray_jobs as jobs
 
     client = _client(args)
     try:
@@ -135,7 +145,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from trellis.cluster import jobs
+    from trellis.cluster import ray_jobs as jobs
 
     client = _client(args)
     if args.wait:
@@ -146,7 +156,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    from trellis.cluster import jobs
+    from trellis.cluster import ray_jobs as jobs
 
     client = _client(args)
     if args.follow:
@@ -157,7 +167,7 @@ def _logs(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from trellis.cluster import jobs
+    from trellis.cluster import ray_jobs as jobs
 
     client = _client(args)
     stopped = jobs.stop(client, args.submission_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from trellis.launcher.config_loader import ConfigError, load_config
 
@@ -50,13 +51,11 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return sets
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The IngestConfig of --config/--set plus this command's own flags and inputs."""
     from trellis.data_pipeline.config import IngestConfig, InputSource
-    from trellis.data_pipeline.ingest_job import ingest_from_config
-    from trellis.data_pipeline.shards import DataError
-    from trellis.data_pipeline.tokenizer import TokenizerError
 
-    cfg = load_config(IngestConfig, args.config, _overrides(args))
+    cfg = load_config(IngestConfig, args.config, _overrides(args), job="ingest")
     if args.inputs:
         try:
             src = InputSource(name="default", paths=list(args.inputs),
@@ -65,6 +64,15 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         cfg.sources = [src]
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from trellis.data_pipeline.ingest_job import ingest_from_config
+    from trellis.data_pipeline.shards import DataError
+    from trellis.data_pipeline.tokenizer import TokenizerError
+
+    cfg = config_from_args(args)
     if cfg.backend == "ray":
         import ray
         ray.init(address="auto", ignore_reinit_error=True)

@@ -53,6 +53,8 @@ class PipelineConfig:
         eval_prompts=0))
     ppo_actor_lr: float = field(default=1e-4, metadata={"min": 0.0})
     ppo_critic_lr: float = field(default=5e-4, metadata={"min": 0.0})
+    max_failures: int = field(default=0, metadata={"min": 0})
+    """Worker deaths each training stage recovers from (its train.max_failures)."""
     ppo_iterations: int = field(default=15, metadata={"min": 1})
     """PPO iterations (rollout + PPO epochs); the PPO job's train.steps."""
     ppo_workers: int = field(default=1, metadata={"min": 1})

@@ -23,6 +23,8 @@ from trellis.launcher.jobs.pipeline.config import PipelineConfig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_arguments(p, recovery=False)  # --local: every stage in this process
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="worker deaths each stage recovers from (overrides max_failures)")
 
 
 def _banner(name: str, skipped: bool = False) -> None:

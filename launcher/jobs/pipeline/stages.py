@@ -21,15 +21,16 @@ def _checked(cfg: T) -> T:
     return from_dict(type(cfg), asdict(cfg))
 
 
-def _stage(job: Any, s: StageConfig, run_dir: Path, seed: int) -> Any:
+def _stage(job: Any, s: StageConfig, run_dir: Path, cfg: PipelineConfig) -> Any:
     """A training job's config with one pipeline stage's knobs applied."""
     return replace(
-        job, run_dir=str(run_dir), seed=seed,
+        job, run_dir=str(run_dir), seed=cfg.seed,
         optim=replace(job.optim, lr=s.lr, warmup_steps=max(1, s.steps // 10)),
         parallel=replace(job.parallel, micro_batch_size=s.micro_batch_size,
                          num_workers=s.num_workers, zero_stage=s.zero_stage,
                          cpus_per_worker=0.8 / s.num_workers),
-        train=replace(job.train, steps=s.steps, log_every=max(1, s.steps // 5), eval_every=0),
+        train=replace(job.train, steps=s.steps, log_every=max(1, s.steps // 5), eval_every=0,
+                      max_failures=cfg.max_failures),
         metrics=replace(job.metrics, port=-1))
 
 
@@ -44,20 +45,20 @@ def pretrain_config(cfg: PipelineConfig, run_dir: Path, data: Path, tokenizer: P
                   tokenizer=replace(job.tokenizer, path=str(tokenizer)),
                   data=replace(job.data, path=str(data), seq_len=cfg.seq_len, val_fraction=0.02),
                   train=replace(job.train, sample_tokens=0))
-    return _checked(_stage(job, cfg.pretrain, run_dir, cfg.seed))
+    return _checked(_stage(job, cfg.pretrain, run_dir, cfg))
 
 
 def sft_config(cfg: PipelineConfig, run_dir: Path, init: Path,
                demonstrations: Path) -> SFTJobConfig:
     job = SFTJobConfig(init_from=str(init), data=_rows(cfg, demonstrations))
-    return _checked(_stage(job, cfg.sft, run_dir, cfg.seed))
+    return _checked(_stage(job, cfg.sft, run_dir, cfg))
 
 
 def rm_config(cfg: PipelineConfig, run_dir: Path, init: Path, comparisons: Path,
               demonstrations: Path) -> RMJobConfig:
     job = RMJobConfig(init_from=str(init), data=_rows(cfg, comparisons),
                       normalize_on=str(demonstrations))
-    return _checked(_stage(job, cfg.rm, run_dir, cfg.seed))
+    return _checked(_stage(job, cfg.rm, run_dir, cfg))
 
 
 def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rm: Path,
@@ -71,7 +72,8 @@ def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rm: Path,
             replace(r, parallel=par, optim=replace(r.optim, lr=lr))
 
     job = replace(job, run_dir=str(run_dir), seed=cfg.seed, placement=cfg.placement,
-                  ppo=cfg.ppo, train=replace(job.train, steps=cfg.ppo_iterations),
+                  ppo=cfg.ppo, train=replace(job.train, steps=cfg.ppo_iterations,
+                                               max_failures=cfg.max_failures),
                   actor=role(job.actor, cfg.ppo_actor_lr), critic=role(job.critic, cfg.ppo_critic_lr),
                   reference=role(job.reference), reward=role(job.reward),
                   metrics=replace(job.metrics, port=-1))
