@@ -1,5 +1,5 @@
 """The job registry: every `trellis` subcommand, read by the CLI (launcher/cli.py) and, through
-launcher/commands/ray_jobs.py, by cluster/ (which job kinds `trellis submit` may send, and
+launcher/commands/job_submission.py, by cluster/ (which job kinds `trellis submit` may send, and
 the flags each accepts). Stdlib only, and nothing here imports a command's module: the CLI
 imports that only when the command runs, so `trellis --help` needs neither Ray nor DeepSpeed.
 """
@@ -78,9 +78,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in (
     Command("cluster", "start/stop/show a local Ray head (loopback, token auth)",
             "trellis.launcher.commands.cluster"),
     Command("submit", "submit a job config to a Ray cluster (Ray Jobs API)",
-            "trellis.launcher.commands.ray_jobs", flags=RECOVERY_FLAGS),  # passed to the job
+            "trellis.launcher.commands.job_submission", flags=RECOVERY_FLAGS),  # passed to the job
     Command("jobs", "list submitted jobs; status, logs or stop one",
-            "trellis.launcher.commands.ray_jobs"),
+            "trellis.launcher.commands.job_submission"),
     Command("plot", "render PNG curves from a run directory's metrics CSVs",
             "trellis.launcher.commands.plot"),
 )}
