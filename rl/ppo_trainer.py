@@ -26,7 +26,6 @@ from trellis.data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow, wr
 from trellis.data_pipeline.row_stream import RowStream
 from trellis.rl.experience import Experience, make_experience
 from trellis.rl.kl import make_kl_controller
-from trellis.rl.ppo_config import PPOConfig
 
 ROLES = ("actor", "critic", "reference", "reward")
 TRAINED_ROLES = ("actor", "critic")
