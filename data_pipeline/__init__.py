@@ -9,8 +9,9 @@ collators, rollout batches. Names are imported lazily so `import data_pipeline` 
     ingest.py      ingest(): parallel, resumable tokenization into shards
     ingest_job.py  ingest_from_config(): what `trellis ingest` runs
     packing.py     epoch order, rank/worker dealing, packing engine
-    stream.py      TokenStream: the per-rank streaming reader with exact resume
-    loader.py      batches(): micro-batches with optional DataLoader workers
+    stream.py      TokenStream: the per-rank streaming reader with exact resume (also
+                   through DataLoader workers: worker_batches / record_delivered)
+    loader.py      batches(): micro-batches, in-process or from DataLoader worker processes
     collate.py     CLM, MLM, SFT, pair and prompt collators
     structured.py  SFT/RLHF tables: ingest_structured, StructuredDataset
     rollout.py     RolloutBatch <-> Arrow (zero-copy) <-> Parquet

@@ -94,12 +94,13 @@ class DataConfig:
     packing: bool = True
     """Concatenate documents (EOS after each) and cut fixed blocks; False = one document per
     block start, padded (long documents continue over several blocks)."""
-    document_positions: bool = False
-    """Also emit doc_ids and position_ids so attention can be kept within a document."""
     mix_by: Literal["tokens", "documents"] = "tokens"
     """Mixture weights count tokens (incl. EOS) or documents delivered from each source."""
     loader_workers: int = field(default=0, metadata={"min": 0})
-    """DataLoader worker processes per rank (0 = read in the training process)."""
+    """DataLoader worker processes per rank that read and collate micro-batches (0 = read
+    in the training process). The rank's data is split into max(1, W) consumers either way,
+    read round-robin, so batches and resume points are the same with or without processes;
+    a resume needs the same value."""
 
     def __post_init__(self) -> None:
         if self.sources and sum(s.weight for s in self.sources) <= 0:

@@ -5,58 +5,55 @@
     for batch in loader: ...            # infinite unless the stream is finite
     ckpt["data"] = loader.state_dict()  # per rank; loader.load_state_dict(...) on resume
 
-With ``cfg.loader_workers = W > 0`` a torch DataLoader runs W worker processes; each
-produces whole collated micro-batches of its own consumer and attaches its position, which
-this wrapper records as it hands the batch over, so ``state_dict()`` is exact even though the
-workers read ahead. Batches arrive in the same order as with W = 0.
+With ``cfg.loader_workers = W > 0`` a torch DataLoader runs W worker processes over
+``stream.worker_batches``: each reads (and collates) whole micro-batches of its own consumer
+and attaches that consumer's position; as a batch is handed over, ``stream.record_delivered``
+records it, so ``state_dict()`` is exact even though the workers read ahead. Batches arrive
+in the same order as with W = 0.
+
+Workers start with the 'spawn' method by default: a training rank is often a Ray actor,
+whose process runs threads (gRPC, Ray's core worker) that a fork would copy mid-operation.
+Spawned workers import torch afresh: ~3-5 s before the first batch on a busy 2-core machine
+(fork: 0.1 s), once per iteration (a new iteration begins at every resume). As with any
+spawn, a script that starts one must guard its top level with ``if __name__ == "__main__"``
+(the `trellis` command and Ray actors do). Items cross processes through shared memory:
+~1-2M tokens/s per rank here, far above what a model trains on, but W = 0 (20-60M tokens/s)
+is the better choice when collation is cheap and cores are few.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from trellis.data_pipeline.stream import TokenStream
 
 Collate = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class _WorkerBatches(IterableDataset):
-    def __init__(self, stream: TokenStream, batch_size: int, collate: Collate | None):
-        self.stream, self.batch_size, self.collate = stream, batch_size, collate
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for w, batch, state in self.stream.iter_batches_with_state(self.batch_size):
-            out = self.collate(batch) if self.collate else batch
-            out["_data_state"] = (w, state)
-            yield out
+START_METHOD = "spawn"
+"""multiprocessing start method of DataLoader workers ('spawn', 'forkserver' or 'fork')."""
 
 
 class Batches:
     """Iterable of (collated) micro-batches of one rank; see module docstring."""
 
     def __init__(self, stream: TokenStream, micro_batch_size: int, collate: Collate | None = None,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, start_method: str = START_METHOD):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         self.stream, self.micro_batch_size, self.collate = stream, micro_batch_size, collate
-        self.prefetch_factor = prefetch_factor
+        self.prefetch_factor, self.start_method = prefetch_factor, start_method
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        s = self.stream
-        if s.cfg.loader_workers == 0:
+        s, workers = self.stream, self.stream.cfg.loader_workers
+        if workers == 0:
             for batch in s.iter_batches(self.micro_batch_size):
                 yield self.collate(batch) if self.collate else batch
             return
-        s._materialize()
-        s._live = {}           # positions now come from the workers' batches
-        s._rotation = s._next  # physical worker 0 plays the consumer that is due next
-        dl = DataLoader(_WorkerBatches(s, self.micro_batch_size, self.collate), batch_size=None,
-                        num_workers=s.cfg.loader_workers, prefetch_factor=self.prefetch_factor)
-        for item in dl:
-            w, state = item.pop("_data_state")
-            s._states[int(w)] = state
-            s._next = (int(w) + 1) % s.workers
+        dl = DataLoader(s.worker_batches(self.micro_batch_size, self.collate), batch_size=None,
+                        num_workers=workers, prefetch_factor=self.prefetch_factor,
+                        multiprocessing_context=self.start_method)
+        for w, item, state in dl:
+            s.record_delivered(int(w), state)
             yield item
 
     def state_dict(self) -> dict[str, Any]:
@@ -66,5 +63,6 @@ class Batches:
         self.stream.load_state_dict(d)
 
 
-def batches(stream: TokenStream, micro_batch_size: int, collate: Collate | None = None) -> Batches:
-    return Batches(stream, micro_batch_size, collate)
+def batches(stream: TokenStream, micro_batch_size: int, collate: Collate | None = None,
+            start_method: str = START_METHOD) -> Batches:
+    return Batches(stream, micro_batch_size, collate, start_method=start_method)

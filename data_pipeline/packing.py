@@ -3,7 +3,7 @@
 Epoch order of one source (the same on every rank and worker; depends only on seed, epoch
 and source name): shards in a permuted order, then documents permuted within consecutive
 windows of ``shuffle_buffer`` documents of that sequence (block shuffle). Consumer c of C
-(C = world_size * loader_workers) reads positions c, c + C, c + 2C, ... of that order, so
+(C = world_size * max(1, loader_workers)) reads positions c, c + C, c + 2C, ... of that order, so
 consumers never overlap and together read every document exactly once per epoch.
 
 A consumer's position is three integers per source (epoch, index in its sequence, token
@@ -135,16 +135,6 @@ class Chunk:
     buf: np.ndarray      # (N,) tokens
     start: list[int]     # (k,) first index of each document in buf
     end: list[int]       # (k,) one past each document's EOS
-    _pos: tuple | None = None
-
-    def positions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(document index within the chunk, position within the document) per token."""
-        if self._pos is None:
-            start, end = np.asarray(self.start), np.asarray(self.end)
-            lens = end - start
-            self._pos = (np.repeat(np.arange(len(lens)), lens),
-                         np.arange(len(self.buf)) - np.repeat(start, lens))
-        return self._pos
 
 
 class Cursor:
@@ -217,7 +207,7 @@ class Cursor:
 
 class Packer:
     """Fills token buffers with one consumer's packed stream: documents from the mixed
-    sources, each followed by EOS, in order; optionally with document ids and positions."""
+    sources, each followed by EOS, in order."""
 
     def __init__(self, sources: list[Source], weights: list[float], mix_by: str,
                  c: int, C: int, seed: int, shuffle: bool, buffer: int, epoch: int,
@@ -231,8 +221,7 @@ class Packer:
                         for i, s in enumerate(sources)]
         self.counts = list(st.get("counts", [0] * len(sources)))
         self.cur: int = st.get("cur", -1)
-        self.carry: list[int] | None = st.get("carry")
-        self.doc_counter: int = st.get("doc_counter", 0)
+        self.carry: list[int] | None = st.get("carry")  # [last token of the previous block]
         self.step: int = st.get("step", 0)
         self.done: bool = st.get("done", False)
         self.eos = sources[0].eos_id
@@ -241,8 +230,7 @@ class Packer:
     def state(self) -> dict:
         return {"epoch": [c.epoch for c in self.cursors], "pos": [c.pos for c in self.cursors],
                 "offset": [c.offset for c in self.cursors], "counts": list(self.counts),
-                "cur": self.cur, "carry": self.carry, "doc_counter": self.doc_counter,
-                "step": self.step, "done": self.done}
+                "cur": self.cur, "carry": self.carry, "step": self.step, "done": self.done}
 
     @property
     def epoch(self) -> int:
@@ -275,14 +263,13 @@ class Packer:
         self.counts[s] += self._doc[2] + 1 if self.mix_by == "tokens" else 1
         return True
 
-    def fill(self, tok: np.ndarray, doc: np.ndarray | None, pos: np.ndarray | None,
-             boundary_stop: bool = False) -> int:
+    def fill(self, tok: np.ndarray, boundary_stop: bool = False) -> int:
         """Write up to len(tok) next tokens; returns how many (fewer only at the end of a
         finite epoch, or with boundary_stop after the first EOS, for unpacked blocks).
         One iteration per document; a single source takes the chunked path instead."""
         if len(self.cursors) == 1 and not boundary_stop:
-            return self._fill_chunked(tok, doc, pos)
-        n, i, eos, track = len(tok), 0, self.eos, pos is not None
+            return self._fill_chunked(tok)
+        n, i, eos = len(tok), 0, self.eos
         while i < n:
             if self.cur < 0 and not self._start_doc():
                 self.done = True
@@ -297,26 +284,18 @@ class Packer:
                 j = i + rem - 1
                 tok[i:j] = vals[start + o:start + length]
                 tok[j] = eos
-                if track:
-                    pos[i:j + 1] = np.arange(o, length + 1)
-                    doc[i:j + 1] = self.doc_counter
                 i = j + 1
                 cur.pos, cur.offset = cur.pos + 1, 0
                 self.cur, self._doc = -1, None
-                self.doc_counter += 1
                 if boundary_stop:
                     break
             else:                               # fill to the end; the document continues
                 take = n - i
                 tok[i:n] = vals[start + o:start + o + take]
-                if track:
-                    pos[i:n] = np.arange(o, o + take)
-                    doc[i:n] = self.doc_counter
                 cur.offset, i = o + take, n
         return i
 
-    def _fill_chunked(self, tok: np.ndarray, doc: np.ndarray | None,
-                      pos: np.ndarray | None) -> int:
+    def _fill_chunked(self, tok: np.ndarray) -> int:
         """Single source: copy straight from chunk buffers, one slice per chunk touched."""
         cur, n, i = self.cursors[0], len(tok), 0
         while i < n:
@@ -334,11 +313,6 @@ class Packer:
             b1 = b0 + take
             tok[i:i + take] = ch.buf[b0:b1]
             j1 = bisect.bisect_right(ch.end, b1)  # documents finished
-            if pos is not None:
-                rel_doc, rel_pos = ch.positions()
-                pos[i:i + take] = rel_pos[b0:b1]
-                doc[i:i + take] = rel_doc[b0:b1] + (self.doc_counter - j0)
-            self.doc_counter += j1 - j0
             cur.pos = ch.lo + j1
             cur.offset = b1 - ch.start[j1] if j1 < len(ch.start) else 0
             i += take

@@ -7,10 +7,7 @@ What it yields (``seq_len`` = T):
                     ``input_ids[:-1]`` are inputs and ``input_ids[1:]`` their labels and every
                     token is a label exactly once;
     ``num_tokens``  int, valid ids in ``input_ids`` (T + 1 except at the end of a finite epoch or
-                    of an unpacked document; the rest is pad_id);
-    ``doc_ids``, ``position_ids`` LongTensor (T + 1,) with ``cfg.document_positions``: equal
-                    doc_ids = same document (a running count), positions restart at 0 per
-                    document and count its EOS; pads have doc_id -1.
+                    of an unpacked document; the rest is pad_id).
 * ``stream.iter_batches(B)``: the same stacked, ``(B, T + 1)`` / ``(B,)``, plus the ints
   ``epoch``, ``step`` (this reader's batch counter) and ``consumer`` (its global index) that
   collators use to seed their randomness. This is the fast path (no per-block tensors).
@@ -27,13 +24,21 @@ data_pipeline.packing for how documents are dealt. In the training process (no D
 the W consumers are read round-robin, exactly as a DataLoader with W workers would deliver
 them, so results do not depend on whether worker processes are used.
 
+Worker processes (data_pipeline.loader drives them): ``stream.worker_batches(B, collate)`` is
+the IterableDataset a DataLoader with W workers runs; DataLoader worker j reads the consumer
+that is due j-th from the stream's current position and yields ``(consumer, batch, that
+consumer's position after the batch)``. The reader in the training process hands each item
+to ``stream.record_delivered(consumer, position)`` as it passes the batch on, so the stream's
+position is what the trainer received, not what the workers read ahead.
+
 ``state_dict()`` after consuming an item describes the position right after it (per consumer:
 a few integers; no token data); ``load_state_dict`` on a fresh stream resumes bit for bit.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -84,8 +89,7 @@ class TokenStream(IterableDataset):
         self._buf_dtype = np.uint32 if wide else np.uint16
         self._states: list[dict | None] = [None] * self.workers
         self._live: dict[int, Packer] = {}  # packers of the current in-process iteration
-        self._next = 0       # logical worker that delivers the next item
-        self._rotation = 0   # physical DataLoader worker j plays logical worker (j + rotation) % W
+        self._next = 0  # logical worker (consumer of this rank) that delivers the next item
         for w in range(self.workers):  # fail now, not in a worker, if the data is too small
             self._packer(w)
 
@@ -119,69 +123,51 @@ class TokenStream(IterableDataset):
         """The next (B, T+1) batch of one consumer, or None when its finite epoch is over."""
         epoch, step = pk.epoch, pk.step
         fill = self._fill_packed if self.cfg.packing else self._fill_unpacked
-        tok, doc, pos, valid = fill(pk, B, self.cfg.seq_len + 1, self.cfg.document_positions)
+        tok, valid = fill(pk, B, self.cfg.seq_len + 1)
         if valid[-1] < 2:  # rows with fewer than 2 ids (end of a finite epoch) are dropped
             keep = valid >= 2
             if not keep.any():
                 return None
             tok, valid = tok[keep], valid[keep]
-            doc, pos = (doc[keep], pos[keep]) if doc is not None else (None, None)
         pk.step += 1
         out = {"input_ids": torch.from_numpy(tok), "num_tokens": torch.from_numpy(valid)}
-        if doc is not None:
-            out["doc_ids"], out["position_ids"] = torch.from_numpy(doc), torch.from_numpy(pos)
         out.update(epoch=epoch, step=step, consumer=self.rank * self.workers)
         return out
 
-    def _fill_packed(self, pk: Packer, B: int, T1: int, pos_on: bool):
+    def _fill_packed(self, pk: Packer, B: int, T1: int) -> tuple[np.ndarray, np.ndarray]:
         """Fill B*(T1-1)+1 tokens in one flat buffer; rows are overlapping strided views."""
         flat = np.empty(B * (T1 - 1) + 1, dtype=self._buf_dtype)
-        fdoc = np.full(len(flat), -1, dtype=np.int64) if pos_on else None
-        fpos = np.zeros(len(flat), dtype=np.int64) if pos_on else None
         first = 0
         if pk.carry is not None:  # the last token of the previous block starts this one
             flat[0] = pk.carry[0]
-            if pos_on:
-                fdoc[0], fpos[0] = pk.carry[1], pk.carry[2]
             first = 1
-        n = first + pk.fill(flat[first:], None if fdoc is None else fdoc[first:],
-                            None if fpos is None else fpos[first:])
+        n = first + pk.fill(flat[first:])
         if n >= 1:
-            pk.carry = [int(flat[n - 1]), int(fdoc[n - 1]) if pos_on else 0,
-                        int(fpos[n - 1]) if pos_on else 0]
+            pk.carry = [int(flat[n - 1])]
         if n < len(flat):
             flat[n:] = self.pad_id
             valid = np.clip(n - np.arange(B) * (T1 - 1), 0, T1)
         else:
             valid = np.full(B, T1)
-        tok = _rows(flat, B, T1)
-        if not pos_on:
-            return tok, None, None, valid
-        return tok, _rows(fdoc, B, T1), _rows(fpos, B, T1), valid
+        return _rows(flat, B, T1), valid
 
-    def _fill_unpacked(self, pk: Packer, B: int, T1: int, pos_on: bool):
+    def _fill_unpacked(self, pk: Packer, B: int, T1: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row starts at a document start (or continues one that did not fit) and is
         padded after the document's EOS."""
         tok = np.full((B, T1), self.pad_id, dtype=self._buf_dtype)
-        doc = np.full((B, T1), -1, dtype=np.int64) if pos_on else None
-        pos = np.zeros((B, T1), dtype=np.int64) if pos_on else None
         valid = np.zeros(B, dtype=np.int64)
         for r in range(B):
             first = 0
             if pk.carry is not None:
                 tok[r, 0] = pk.carry[0]
-                if pos_on:
-                    doc[r, 0], pos[r, 0] = pk.carry[1], pk.carry[2]
                 first = 1
-            n = first + pk.fill(tok[r, first:], None if doc is None else doc[r, first:],
-                                None if pos is None else pos[r, first:], boundary_stop=True)
+            n = first + pk.fill(tok[r, first:], boundary_stop=True)
             valid[r] = n
             mid_doc = pk.cur >= 0 and n == T1
-            pk.carry = ([int(tok[r, n - 1]), int(doc[r, n - 1]) if pos_on else 0,
-                         int(pos[r, n - 1]) if pos_on else 0] if mid_doc else None)
+            pk.carry = [int(tok[r, n - 1])] if mid_doc else None
             if n < 2 and pk.done:
                 break
-        return tok.astype(np.int64), doc, pos, valid
+        return tok.astype(np.int64), valid
 
     # -- iteration --------------------------------------------------------------------------------
     def _iterate(self, B: int, logical_ids: list[int]) -> Iterator[tuple[int, dict, Packer]]:
@@ -209,29 +195,50 @@ class TokenStream(IterableDataset):
             self._states[w] = pk.state()
 
     def _logical_ids(self) -> list[int]:
+        """In this process: all W consumers, the one due next first. In DataLoader worker j
+        (of W): the j-th of them only, so the DataLoader's round-robin delivers in that order."""
         info = get_worker_info()
         if info is None:
             return [(self._next + i) % self.workers for i in range(self.workers)]
         if info.num_workers != self.workers:
             raise DataStateError(f"DataLoader has {info.num_workers} workers but "
                                  f"data.loader_workers is {self.workers}")
-        return [(info.id + self._rotation) % self.workers]
+        return [(info.id + self._next) % self.workers]
 
     def iter_batches(self, batch_size: int) -> Iterator[dict[str, Any]]:
         for _, batch, _ in self._iterate(batch_size, self._logical_ids()):
             yield batch
 
-    def iter_batches_with_state(self, batch_size: int) -> Iterator[tuple[int, dict, dict]]:
-        """(logical worker, batch, that worker's state after it): for DataLoader workers."""
-        for w, batch, pk in self._iterate(batch_size, self._logical_ids()):
-            yield w, batch, pk.state()
+    def worker_batches(self, batch_size: int,
+                       collate: Callable[[dict], dict] | None = None) -> "WorkerBatches":
+        """The dataset for a DataLoader with ``cfg.loader_workers`` workers, starting at this
+        stream's current position (any iteration in this process ends here). Feed every item
+        it delivers to record_delivered; see the module docstring."""
+        if self.cfg.loader_workers < 1:
+            raise ValueError("worker_batches needs data.loader_workers >= 1")
+        self._materialize()
+        self._live = {}
+        return WorkerBatches(self, batch_size, collate)
+
+    def record_delivered(self, worker: int, state: dict[str, Any]) -> None:
+        """A batch of logical worker `worker` (of this rank) reached the trainer, leaving that
+        consumer at `state`: the stream's position now continues after it."""
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"worker {worker} is not in [0, {self.workers})")
+        self._live.pop(worker, None)
+        self._states[worker] = dict(state)
+        self._next = (worker + 1) % self.workers
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (spawned DataLoader workers): positions only, no live readers or mmaps."""
+        self._materialize()
+        d = dict(self.__dict__)
+        d["_live"], d["_states"] = {}, [None if s is None else dict(s) for s in self._states]
+        return d
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.iter_batches(1):
-            block = {"input_ids": batch["input_ids"][0], "num_tokens": int(batch["num_tokens"][0])}
-            if "doc_ids" in batch:
-                block["doc_ids"], block["position_ids"] = batch["doc_ids"][0], batch["position_ids"][0]
-            yield block
+            yield {"input_ids": batch["input_ids"][0], "num_tokens": int(batch["num_tokens"][0])}
 
     # -- epochs and state -----------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
@@ -239,7 +246,7 @@ class TokenStream(IterableDataset):
         self.start_epoch = epoch
         self._states = [None] * self.workers
         self._live = {}
-        self._next = self._rotation = 0
+        self._next = 0
 
     @property
     def epoch(self) -> int:
@@ -278,4 +285,25 @@ class TokenStream(IterableDataset):
         self.start_epoch = d["start_epoch"]
         self._live = {}
         self._states = [None if s is None else dict(s) for s in d["workers"]]
-        self._next = self._rotation = d["next_worker"]
+        self._next = d["next_worker"]
+
+
+class WorkerBatches(IterableDataset):
+    """What each DataLoader worker of TokenStream.worker_batches runs: its consumer's
+    (logical worker, collated batch, consumer position after the batch), from a snapshot of
+    the stream's position taken when this was made."""
+
+    def __init__(self, stream: TokenStream, batch_size: int,
+                 collate: Callable[[dict], dict] | None = None):
+        # A snapshot (copy goes through __getstate__: positions, no live readers); the
+        # original moves on as delivered items are recorded.
+        self.stream = copy.copy(stream)
+        self.batch_size, self.collate = batch_size, collate
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+        if get_worker_info() is None:
+            raise RuntimeError("WorkerBatches runs inside DataLoader workers only")
+        s = self.stream
+        for w, batch, pk in s._iterate(self.batch_size, s._logical_ids()):
+            out = self.collate(batch) if self.collate is not None else batch
+            yield w, out, pk.state()

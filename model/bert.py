@@ -51,7 +51,7 @@ class Bert(nn.Module):
         if cfg.arch != "bert":
             raise ValueError(f"Bert needs arch 'bert', got '{cfg.arch}'")
         self.config = cfg
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.activation_checkpointing = False  # set by build.set_activation_checkpointing
         self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = Embedding(cfg.max_seq_len, cfg.d_model)
         self.type_emb = Embedding(cfg.type_vocab_size, cfg.d_model)

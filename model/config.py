@@ -6,6 +6,11 @@ from typing import Literal
 
 from trellis.model.presets import PRESETS
 
+RETIRED_FIELDS = frozenset({
+    "activation_checkpointing",  # now parallel.activation_checkpointing (applied by parallel/)
+})
+"""Fields older versions wrote into saved model configs; ignored when loading them."""
+
 
 @dataclass
 class ModelConfig:
@@ -35,8 +40,6 @@ class ModelConfig:
     """Padding token id."""
     num_labels: int = field(default=2, metadata={"min": 1})
     """Classes of the BERT sequence-classification head."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head != 0:
@@ -59,6 +62,12 @@ class ModelConfig:
         if name not in PRESETS:
             raise KeyError(f"unknown preset '{name}' (allowed: {', '.join(PRESETS)})")
         return {**PRESETS[name], "preset": name}
+
+    @classmethod
+    def from_saved(cls, values: dict) -> "ModelConfig":
+        """From a saved config (model.json, run_model.json): keys of retired fields are
+        dropped, so weights written by older versions still load; other unknown keys fail."""
+        return cls(**{k: v for k, v in values.items() if k not in RETIRED_FIELDS})
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":

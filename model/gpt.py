@@ -71,7 +71,7 @@ class GPT(nn.Module):
         if cfg.arch != "gpt":
             raise ValueError(f"GPT needs arch 'gpt', got '{cfg.arch}'")
         self.config = cfg
-        self.activation_checkpointing = cfg.activation_checkpointing
+        self.activation_checkpointing = False  # set by build.set_activation_checkpointing
         self.wte = Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = Embedding(cfg.max_seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)

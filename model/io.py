@@ -79,7 +79,7 @@ def load_module(path: str | Path, head: str | None = None) -> tuple[nn.Module, M
     if not is_module_dir(path):
         raise FileNotFoundError(f"'{path}' has no {META} + {WEIGHTS}")
     meta = read_meta(path)
-    cfg = ModelConfig(**meta["model"])
+    cfg = ModelConfig.from_saved(meta["model"])
     state = load_file(str(path / WEIGHTS))
     module = build_model(cfg, head or meta["head"])
     if head is None or head == meta["head"]:

@@ -106,8 +106,8 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, workers, packing, n_sources):
     sources = [SourceConfig("a", str(tmp_path / "a"), 1.0),
                SourceConfig("b", str(tmp_path / "b"), 0.5)][:n_sources]
     cfg = DataConfig(sources=sources, seq_len=16, shuffle_buffer=8, loader_workers=workers,
-                     packing=packing, document_positions=True)
-    keys = ("input_ids", "num_tokens", "doc_ids", "position_ids")
+                     packing=packing)
+    keys = ("input_ids", "num_tokens")
     ref_it = iter(batches(TokenStream(None, cfg, 1, 2), 4))
     ref = [next(ref_it) for _ in range(40)]
     loader = batches(TokenStream(None, cfg, 1, 2), 4)
@@ -146,24 +146,22 @@ def test_block_iteration_state_and_workers_match_in_process(data):
     assert [g["input_ids"].tolist() for g in got] == [e["input_ids"].tolist() for e in expect]
 
 
-def test_packing_blocks_and_document_positions(tmp_path):
+def test_packing_blocks(tmp_path):
     docs = [[10] * 3, [11] * 5, [12] * 30, [13] * 2]
     make_token_dataset(tmp_path, docs, 2, vocab_size=1000)
-    cfg = DataConfig(seq_len=8, shuffle=False, document_positions=True)
+    cfg = DataConfig(seq_len=8, shuffle=False)
     b = next(TokenStream(tmp_path, cfg).iter_batches(2))
-    ids, pos, doc = b["input_ids"], b["position_ids"], b["doc_ids"]
+    ids = b["input_ids"]
+    assert set(b) == {"input_ids", "num_tokens", "epoch", "step", "consumer"}
     assert ids.shape == (2, 9) and ids[0, -1] == ids[1, 0]             # overlap by one token
     assert ids.tolist() == [[10, 10, 10, EOS, 11, 11, 11, 11, 11],
                             [11, EOS, 12, 12, 12, 12, 12, 12, 12]]
-    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 4], [4, 5, 0, 1, 2, 3, 4, 5, 6]]
-    assert doc.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 2, 2, 2, 2, 2, 2, 2]]
     # unpacked: each row starts a document (or continues one), padded after its EOS
     u = next(TokenStream(tmp_path, dataclasses.replace(cfg, packing=False)).iter_batches(4))
     assert u["num_tokens"].tolist() == [4, 6, 9, 9]
     assert u["input_ids"][:2].tolist() == [[10, 10, 10, EOS, 0, 0, 0, 0, 0],
                                           [11, 11, 11, 11, 11, EOS, 0, 0, 0]]
-    assert u["input_ids"][3, 0] == 12 and u["position_ids"][3, 0] == 8  # continues doc 2
-    assert u["doc_ids"][0, 4] == -1
+    assert u["input_ids"][2].tolist() == [12] * 9 and u["input_ids"][3, 0] == 12  # doc 2 goes on
 
 
 def test_mixing_weights_count_tokens(tmp_path):

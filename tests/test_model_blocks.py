@@ -145,3 +145,24 @@ def test_bert_padding_keeps_real_positions():
         ref = model(seq)
     assert torch.isfinite(out).all()  # row 1 is all padding
     assert torch.allclose(out[0, :7], ref[0], atol=1e-5)
+
+
+def test_saved_config_with_retired_activation_checkpointing_key_loads(tmp_path):
+    """model.json written before activation checkpointing moved to parallel/ still loads
+    (the retired key is dropped); any other unknown key is still an error."""
+    import json
+
+    from trellis.model.io import META, load_module, save_module
+
+    model = _gpt()
+    save_module(model, model.config, "lm", tmp_path)
+    meta = json.loads((tmp_path / META).read_text())
+    assert "activation_checkpointing" not in meta["model"]
+    meta["model"]["activation_checkpointing"] = True  # as older versions wrote it
+    (tmp_path / META).write_text(json.dumps(meta))
+    loaded, cfg, _ = load_module(tmp_path)
+    assert cfg == model.config and loaded.activation_checkpointing is False
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
+    with pytest.raises(TypeError, match="nope"):
+        ModelConfig.from_saved({**meta["model"], "nope": 1})

@@ -72,6 +72,7 @@ def reference_run(model: nn.Module, data, accum: int, steps: int) -> tuple[list,
     {"zero_stage": 2, "offload_optimizer": True},
     {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
 ], ids=["zero0", "zero2", "zero2-offload", "zero3-offload"])
+@pytest.mark.integration
 def test_engine_matches_plain_torch_adamw_clip_schedule_with_accumulation(par):
     steps, accum = 4, 2
     data = batches(steps * accum)
@@ -96,6 +97,7 @@ def test_engine_matches_plain_torch_adamw_clip_schedule_with_accumulation(par):
         assert torch.allclose(got[k], v, atol=2e-6), (k, (got[k] - v).abs().max())
 
 
+@pytest.mark.integration
 def test_bf16_engine_trains_close_to_fp32():
     data = batches(6)
     runs = {}
@@ -114,6 +116,7 @@ def test_bf16_engine_trains_close_to_fp32():
     assert max(abs(a - b) for a, b in zip(runs["fp32"], runs["bf16"])) < 0.05
 
 
+@pytest.mark.integration
 def test_frozen_engine_infers_without_optimizer(tmp_path):
     model = make_model(1)
     expected = model(batches(1)[0][:, :-1])
@@ -129,12 +132,42 @@ def test_frozen_engine_infers_without_optimizer(tmp_path):
         engine.step()
 
 
+@pytest.mark.integration
 def test_activation_checkpointing_hook_is_called_only_when_asked():
     on = Engine(make_model(), OPT, ParallelConfig(activation_checkpointing=True), total_steps=1)
     off = Engine(make_model(), OPT, ParallelConfig(), total_steps=1)
     assert on.module.checkpointing is True and off.module.checkpointing is False
 
 
+@pytest.mark.integration
+def test_parallel_activation_checkpointing_recomputes_gpt_blocks_same_grads():
+    """parallel.activation_checkpointing (the one switch) sets the flag on the engine's GPT
+    trunk; its blocks then run twice per step (forward + recompute in backward) and the
+    gradients equal those without checkpointing."""
+    from trellis.model import GPT, ModelConfig
+
+    cfg = ModelConfig(arch="gpt", vocab_size=VOCAB, n_layer=3, n_head=2, d_model=32,
+                      max_seq_len=16, dropout=0.1)
+    mb = batches(1)[0]
+    result = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        engine = Engine(GPT(cfg), OPT, ParallelConfig(activation_checkpointing=on), total_steps=1)
+        assert engine.module.activation_checkpointing is on
+        calls = []
+        for block in engine.module.h:
+            block.register_forward_pre_hook(lambda *_: calls.append(1))
+        engine.train()
+        torch.manual_seed(1)  # same dropout masks in both runs
+        engine.backward(lm_loss(engine(mb[:, :-1]), mb))
+        grads = {n: p.grad.clone() for n, p in engine.module.named_parameters()}
+        result[on] = (len(calls), grads)
+    assert result[False][0] == cfg.n_layer and result[True][0] == 2 * cfg.n_layer
+    for n, g in result[False][1].items():
+        assert torch.allclose(result[True][1][n], g, atol=1e-6), n
+
+
+@pytest.mark.integration
 def test_zero3_numel_and_zero_init_context_at_world_one():
     par = ParallelConfig(zero_stage=3, micro_batch_size=4)
     torch.manual_seed(0)
@@ -153,6 +186,7 @@ def test_zero3_numel_and_zero_init_context_at_world_one():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.integration
 def test_stage0_checkpoint_consolidates_and_load_needs_a_checkpoint(tmp_path):
     engine = Engine(make_model(), OPT, ParallelConfig(), total_steps=2)
     mb = batches(1)[0]
@@ -180,6 +214,7 @@ class Counter:
         return self.n
 
 
+@pytest.mark.integration
 def test_local_group_interface_in_process():
     with LocalGroup(Counter, ParallelConfig(), worker_kwargs={"start": 5}) as group:
         assert group.call("add", 2) == [7]
@@ -195,6 +230,7 @@ def test_local_group_interface_in_process():
         LocalGroup(Counter, ParallelConfig(num_workers=2))
 
 
+@pytest.mark.integration
 def test_worker_class_by_import_path():
     with LocalGroup("test_parallel_engine:Counter", ParallelConfig()) as group:
         assert group.call("add", 3) == [3]

@@ -4,11 +4,12 @@ class runs in a Ray actor or in-process (--local)."""
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, Generator
 
 import torch
 
 from trellis.data_pipeline.collate import MLMCollator, clm_collate
+from trellis.data_pipeline.loader import batches
 from trellis.data_pipeline.stream import TokenStream
 from trellis.launcher.config_loader import from_dict
 from trellis.parallel.engine_worker import EngineWorker
@@ -29,16 +30,28 @@ class PretrainWorker(EngineWorker):
         self.teacher = self._load_teacher(teacher_dir) if teacher_dir else None
         model = self._build_student(c) if self.teacher is not None else \
             build_model(c.model, "lm" if c.train.objective == "clm" else "mlm")
-        self._setup(rank, world_size, c, run_dir, model, c.data.seq_len)
+        self.cfg = c
+        self._setup(rank, world_size, model, c.parallel, c.optim, c.train.steps, run_dir,
+                    c.data.seq_len, c.checkpoint.keep_last)
         # The manifest must have been made by the tokenizer this job uses.
         self.stream = TokenStream(data_dir, c.data, rank=rank, world_size=world_size,
                                   tokenizer=tokenizer_sha256)
-        self._it = self.stream.iter_batches(self.plan.micro_batch)
         self.val_dir, self.tokenizer_sha256 = val_dir, tokenizer_sha256
         # Dynamic masking: the mask is a function of (seed, epoch, consumer, step) that the
         # stream's batches carry, so it is fresh every epoch and identical after a resume.
         self.mlm = None if c.train.objective == "clm" else \
             MLMCollator(vocab_size=c.model.vocab_size, mask_prob=c.train.mask_prob, seed=c.seed)
+        self._it: Generator[dict[str, torch.Tensor], None, None] | None = None
+        self._open_batches()
+
+    def _open_batches(self) -> None:
+        """(Re)start reading collated micro-batches at the stream's position: in this process
+        (data.loader_workers = 0) or from that many DataLoader worker processes, which start
+        at the first next_batch. The stream records what was handed over, for data_state."""
+        if self._it is not None:
+            self._it.close()  # stops the previous DataLoader's workers
+        collate = self.mlm if self.mlm is not None else clm_collate
+        self._it = iter(batches(self.stream, self.plan.micro_batch, collate))
 
     # ---- models --------------------------------------------------------------------------
     def _load_teacher(self, teacher_dir: str) -> torch.nn.Module:
@@ -55,8 +68,7 @@ class PretrainWorker(EngineWorker):
 
     # ---- EngineWorker hooks ----------------------------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
-        blocks = next(self._it)  # (B, T+1) ids with the stream's epoch/step metadata
-        return self.mlm(blocks) if self.mlm is not None else clm_collate(blocks)
+        return next(self._it)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.engine.device
@@ -80,7 +92,7 @@ class PretrainWorker(EngineWorker):
 
     def load_data_state(self, state: dict[str, Any]) -> None:
         self.stream.load_state_dict(state)
-        self._it = self.stream.iter_batches(self.plan.micro_batch)
+        self._open_batches()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
