@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test bench clean
+.PHONY: install run test test-fast bench clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# Unit tests only: no Ray, no DeepSpeed engines or process groups, no whole jobs (< 60 s).
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration" tests
 
 bench: install
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -7,3 +7,5 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / "build" / "torch_extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Threads sleep instead of spinning when waiting: tests, actors and others share 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -116,6 +116,7 @@ def test_ingested_data_streams(tmp_path, tok):
     assert b["input_ids"].shape == (2, 65) and int(b["input_ids"].max()) < tok.vocab_size
 
 
+@pytest.mark.integration
 def test_trellis_ingest_command(tmp_path, tok, capsys):
     (tmp_path / "in.jsonl").write_text('{"text": "hello world"}\n{"text": ""}\nnot json\n')
     rc = trellis(["ingest", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"),
@@ -135,6 +136,7 @@ def test_trellis_ingest_command(tmp_path, tok, capsys):
     assert np.dtype(load_manifest(tmp_path / "dflt")["token_dtype"]) == np.uint16
 
 
+@pytest.mark.integration
 def test_ray_backend_matches_processes(tmp_path, tok):
     ray = pytest.importorskip("ray")
     write_default_corpus(tmp_path / "corpus")

@@ -53,7 +53,7 @@ def epoch_tokens(stream: TokenStream, B: int, workers: int) -> Counter:
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])
 def test_epoch_covers_corpus_exactly_once(data, world, workers):
     path, docs = data
     cfg = DataConfig(seq_len=16, shuffle_buffer=8, loader_workers=workers)
@@ -97,7 +97,8 @@ def test_infinite_stream_rolls_into_next_epoch(data):
 
 
 @pytest.mark.parametrize("workers,packing,n_sources", [(0, True, 1), (0, True, 2), (0, False, 2),
-                                                       (2, True, 1), (2, True, 2)])
+                                                       pytest.param(2, True, 1, marks=pytest.mark.integration),
+                                                       pytest.param(2, True, 2, marks=pytest.mark.integration)])
 def test_resume_mid_epoch_is_bit_exact(tmp_path, workers, packing, n_sources):
     rng = np.random.default_rng(1)
     docs = [rng.integers(10, 900, int(rng.integers(1, 60))).tolist() for _ in range(80)]

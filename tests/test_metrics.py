@@ -120,7 +120,7 @@ def test_metrics_config_validation():
 
 
 def _run_progress(env_extra: dict) -> str:
-    code = ("import time\nfrom launcher.progress import progress\n"
+    code = ("import time\nfrom trellis.launcher.progress import progress\n"
             "with progress(12, 'train', 'step') as bar:\n"
             "    for i in range(12):\n"
             "        time.sleep(0.05); bar.update(1); bar.set_postfix(loss=1.0)\n")

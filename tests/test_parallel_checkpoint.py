@@ -40,6 +40,7 @@ def engine():
     return make_engine(0)
 
 
+@pytest.mark.integration
 def test_save_layout_marker_and_resume_round_trip(engine, tmp_path):
     seed_all(3)
     train(engine, 3)
@@ -61,6 +62,7 @@ def test_save_layout_marker_and_resume_round_trip(engine, tmp_path):
     assert train(other, 4) == expected  # weights, Adam moments, lr schedule and RNG all restored
 
 
+@pytest.mark.integration
 def test_crash_mid_write_leaves_previous_checkpoint_latest(engine, tmp_path):
     first = ckpt.save_checkpoint(tmp_path, 1, {"model": engine})
 
@@ -84,6 +86,7 @@ def test_crash_mid_write_leaves_previous_checkpoint_latest(engine, tmp_path):
     assert ckpt.latest_complete(tmp_path) == again and not tmp.exists()
 
 
+@pytest.mark.integration
 def test_keep_last_prunes_old_and_leftover_dirs(engine, tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step_1").mkdir(parents=True)  # crashed save
     (tmp_path / "checkpoints" / "step_2").mkdir()  # renamed, never marked
@@ -95,6 +98,7 @@ def test_keep_last_prunes_old_and_leftover_dirs(engine, tmp_path):
         ckpt.prune(tmp_path, 0)
 
 
+@pytest.mark.integration
 def test_load_at_other_world_size_or_missing_engine_is_a_clear_error(engine, tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 7, {"model": engine})
     with pytest.raises(ValueError, match="has no engine named critic"):
@@ -106,6 +110,7 @@ def test_load_at_other_world_size_or_missing_engine_is_a_clear_error(engine, tmp
         ckpt.load_checkpoint(path, {"model": engine})
 
 
+@pytest.mark.integration
 def test_rank_state_must_be_weights_only_loadable(engine, tmp_path):
     with pytest.raises(TypeError, match=r"rank_state\.data\.reader: Generator cannot be checkpointed"):
         ckpt.save_checkpoint(tmp_path, 1, {"model": engine},

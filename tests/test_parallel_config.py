@@ -141,14 +141,18 @@ def test_ds_config_follows_our_config_and_batch_plan():
         ds_config(None, par2, BatchPlan.from_config(par2, 8))
 
 
-def test_importing_parallel_needs_neither_ray_nor_deepspeed_and_local_group_no_ray():
-    code = ("import sys, parallel, parallel.engine, parallel.worker_group, parallel.checkpoint\n"
-            "from parallel import Engine, WorkerGroup, LocalGroup, ParallelConfig\n"
+@pytest.mark.integration
+def test_importing_parallel_needs_neither_ray_nor_deepspeed_and_local_group_no_ray(tmp_path):
+    code = ("import sys, trellis.parallel, trellis.parallel.engine, trellis.parallel.worker_group\n"
+            "import trellis.parallel.checkpoint, trellis.parallel.placement\n"
+            "from trellis.parallel import Engine, WorkerGroup, LocalGroup, ParallelConfig\n"
             "print(sorted(m for m in ('ray', 'deepspeed') if m in sys.modules))\n"
             "class W:\n"
             "    def __init__(self, rank, world_size): self.r = rank\n"
             "    def rank(self): return self.r\n"
             "g = LocalGroup(W, ParallelConfig())\n"
             "print(g.call('rank'), 'ray' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # From outside the repo: the folders must not be importable under their bare names.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     assert out.stdout.split("\n")[:2] == ["[]", "[0] False"], out.stdout

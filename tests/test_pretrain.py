@@ -20,6 +20,8 @@ from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
 from trellis.launcher.jobs.pretrain.driver import pretrain
 from trellis.launcher.jobs.pretrain.data import prepare_data
 
+pytestmark = pytest.mark.integration
+
 STEPS = 20
 
 
@@ -143,7 +145,7 @@ def test_worker_sigkill_recovers_to_same_final_loss(tmp_path, corpus, ray_local,
     result = pretrain(cfg)
     t.join(timeout=5)
     assert killed, "the worker was never killed"
-    assert result["step"] == STEPS
+    assert result["step"] == STEPS and result["recoveries"] == 1
     assert abs(result["loss"] - straight[STEPS]) <= 1e-6
 
 

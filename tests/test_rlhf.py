@@ -35,7 +35,8 @@ def ray_local():
     import ray
 
     from trellis.parallel.worker_group import ensure_ray
-    ensure_ray(num_cpus=2, log_to_driver=False)
+    # The dashboard serves Ray's state API (ray.util.state), which the colocation test reads.
+    ensure_ray(num_cpus=2, log_to_driver=False, include_dashboard=True)
     yield
     ray.shutdown()
 
@@ -56,6 +57,7 @@ def ppo_job(chain: dict, run_dir: Path, *extra: str) -> PPOJobConfig:
     return load_config(PPOJobConfig, None, base + list(extra))
 
 
+@pytest.mark.integration
 def test_sft_learns_demonstrations(chain):
     ev = rows(chain["sft"] / "metrics" / "eval.csv")
     tr = rows(chain["sft"] / "metrics" / "train.csv")
@@ -63,6 +65,7 @@ def test_sft_learns_demonstrations(chain):
     assert float(ev[-1]["loss"]) < float(tr[0]["loss"])
 
 
+@pytest.mark.integration
 def test_reward_model_ranks_held_out_pairs(chain):
     ev = rows(chain["rm"] / "metrics" / "eval.csv")
     assert float(ev[-1]["accuracy"]) >= 0.85, ev[-1]
@@ -81,9 +84,10 @@ def test_tie_makes_no_pair():
     assert scores.grad[0] == scores.grad[1]  # the tied pair got no gradient of its own
 
 
+@pytest.mark.integration
 def test_ppo_four_groups_separate_raises_reward_under_kl_bound(chain, tmp_path, ray_local):
     from trellis.launcher.jobs.ppo.driver import ppo
-    cfg = ppo_job(chain, tmp_path, "ppo.iterations=12", "placement=separate",
+    cfg = ppo_job(chain, tmp_path, "train.steps=12", "placement=separate",
                   "actor.parallel.num_workers=2", "actor.parallel.zero_stage=2",
                   "critic.parallel.num_workers=2", "critic.parallel.zero_stage=1",
                   "reference.parallel.num_workers=2", "reward.parallel.num_workers=2",
@@ -112,29 +116,120 @@ def test_ppo_four_groups_separate_raises_reward_under_kl_bound(chain, tmp_path, 
         assert log[-1][key] != "", key
 
 
+@pytest.mark.integration
 def test_ppo_colocated_runs(chain, tmp_path, ray_local):
+    import ray
+    from ray.util.state import list_actors, list_placement_groups
+
     from trellis.launcher.jobs.ppo.driver import ppo
-    res = ppo(ppo_job(chain, tmp_path, "ppo.iterations=2", "placement=colocate",
+    address = ray.get_runtime_context().gcs_address
+    names = [f"{r}/rank0" for r in ("actor", "critic", "reference", "reward")]
+
+    def role_actors() -> dict:  # Ray's state API keeps DEAD actors with their placement group
+        return {a.actor_id: a for n in names
+                for a in list_actors(address, filters=[("name", "=", n)], detail=True)}
+
+    before = set(role_actors())  # earlier tests in this module used the same actor names
+    res = ppo(ppo_job(chain, tmp_path, "train.steps=2", "placement=colocate",
                       "ppo.eval_prompts=0"))
     assert res["iteration"] == 2
     assert len({w["pid"] for role in res["info"].values() for w in role}) == 4
+    ours = [a for i, a in role_actors().items() if i not in before]
+    assert sorted(a.name for a in ours) == sorted(names), ours
+    pg_ids = {a.placement_group_id for a in ours}
+    # placement=separate would give four placement groups, one per role ('<role>-pg')
+    assert len(pg_ids) == 1 and None not in pg_ids, {a.name: a.placement_group_id for a in ours}
+    pgs = list_placement_groups(address, filters=[("placement_group_id", "=", pg_ids.pop())],
+                                detail=True)
+    assert [pg.name for pg in pgs] == ["ppo-colocated"], pgs
 
 
+@pytest.mark.integration
+def test_ppo_reward_worker_sigkill_recovers_to_same_final_metrics(chain, tmp_path, ray_local):
+    """kill -9 of the reward worker mid-run with train.max_failures=1: every role's group is
+    restarted from the latest complete checkpoint and the run ends exactly where an
+    uninterrupted run ends."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ray
+
+    from trellis.launcher.jobs.ppo.driver import ppo
+    common = ("train.steps=6", "checkpoint.every=2", "ppo.eval_prompts=0", "placement=separate",
+              "ppo.prompts_per_iteration=32", "ppo.minibatches=2", "ppo.ppo_epochs=2",
+              *[f"{r}.parallel.cpus_per_worker=0.2" for r in ("actor", "critic", "reference",
+                                                               "reward")])
+    straight = ppo(ppo_job(chain, tmp_path / "straight", *common))
+    run = tmp_path / "killed"
+    killed: list[int] = []
+
+    def killer() -> None:  # SIGKILL the reward worker once iteration 3 is logged
+        log = run / "metrics" / "ppo.csv"
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            if log.exists() and len(rows(log)) >= 3:
+                pid = ray.get(ray.get_actor("reward/rank0").pid.remote())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    res = ppo(ppo_job(chain, run, *common, "train.max_failures=1"))
+    t.join(timeout=10)
+    assert killed, "the reward worker was never killed"
+    assert res["recoveries"] == 1 and res["step"] == 6
+    assert killed[0] not in {w["pid"] for w in res["info"]["reward"]}  # a new reward worker
+    for key in ("score", "kl", "actor/policy_loss", "critic/value_loss", "response_length"):
+        assert abs(res[key] - straight[key]) <= 1e-5, (key, res[key], straight[key])
+    assert straight["recoveries"] == 0
+
+
+@pytest.mark.integration
+def test_ppo_failures_beyond_budget_fail_clearly(chain, tmp_path, ray_local):
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from trellis.launcher.jobs.ppo.driver import ppo
+
+    def killer() -> None:  # the reward worker dies as soon as it exists
+        for _ in range(3000):
+            try:
+                pid = ray.get(ray.get_actor("reward/rank0").pid.remote(), timeout=10)
+                os.kill(pid, signal.SIGKILL)
+                return
+            except Exception:
+                threading.Event().wait(0.1)
+
+    threading.Thread(target=killer, daemon=True).start()
+    with pytest.raises(SystemExit, match="reward/rank0 died.*max_failures=0"):
+        ppo(ppo_job(chain, tmp_path, "train.steps=200", "ppo.eval_prompts=0",
+                    *[f"{r}.parallel.cpus_per_worker=0.2" for r in ("actor", "critic",
+                                                                     "reference", "reward")]))
+
+
+@pytest.mark.integration
 def test_ppo_resume_reproduces_next_iteration(chain, tmp_path):
     from trellis.launcher.jobs.ppo.driver import ppo
     straight = tmp_path / "straight"
-    ppo(ppo_job(chain, straight, "ppo.iterations=3", "ppo.eval_prompts=0"), local=True)
+    ppo(ppo_job(chain, straight, "train.steps=3", "ppo.eval_prompts=0"), local=True)
     resumed = tmp_path / "resumed"
-    ppo(ppo_job(chain, resumed, "ppo.iterations=3", "ppo.eval_prompts=0", "stop_after=2"),
+    ppo(ppo_job(chain, resumed, "train.steps=3", "ppo.eval_prompts=0", "train.stop_after=2"),
         local=True)
     assert json.loads((resumed / "state" / "iter-000002.json").read_text())["iteration"] == 2
-    ppo(ppo_job(chain, resumed, "ppo.iterations=3", "ppo.eval_prompts=0"), local=True)
+    ppo(ppo_job(chain, resumed, "train.steps=3", "ppo.eval_prompts=0"), local=True)
     a, b = rows(straight / "metrics" / "ppo.csv"), rows(resumed / "metrics" / "ppo.csv")
     assert [r["step"] for r in b] == ["1", "2", "3"]
     for key in ("score", "kl", "actor/policy_loss", "critic/value_loss", "response_length"):
         assert abs(float(a[2][key]) - float(b[2][key])) <= 1e-5, (key, a[2][key], b[2][key])
 
 
+@pytest.mark.integration
 def test_prompt_longer_than_context_is_a_clear_error(chain, tmp_path):
     from trellis.launcher.jobs.ppo.driver import ppo
     long = tmp_path / "long.jsonl"
@@ -146,6 +241,7 @@ def test_prompt_longer_than_context_is_a_clear_error(chain, tmp_path):
         ppo(ppo_job(chain, tmp_path / "run2", "ppo.max_prompt_len=60"), local=True)
 
 
+@pytest.mark.integration
 def test_bad_comparisons_are_counted_and_named(chain, tmp_path, capsys):
     from trellis.launcher.jobs.finetune.driver import rm
     from trellis.launcher.jobs.finetune.config import RMJobConfig
@@ -166,6 +262,7 @@ def test_bad_comparisons_are_counted_and_named(chain, tmp_path, capsys):
     assert manifest["skipped"] == {"empty": 1, "bad_ranking": 1}
 
 
+@pytest.mark.integration
 def test_pipeline_refuses_a_run_dir_made_with_another_task(chain):
     from trellis.launcher.jobs.pipeline.driver import prepare_task
     root = chain["task"].parent
