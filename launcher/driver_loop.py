@@ -19,6 +19,8 @@ worker groups and knows its own checkpoints; the loop owns the cadence:
 """
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -48,32 +50,64 @@ class Session(Protocol):
     def shutdown(self) -> None: ...
 
 
+class StopSignal:
+    """SIGTERM / SIGINT ask the loop to stop at the next step boundary, with a checkpoint (a
+    preemptible cluster or `trellis jobs stop` sends SIGTERM); a second signal stops at once.
+    Handlers are installed only in the main thread (signals are delivered there)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.name = signal.Signals(signum).name
+        print(f"trellis: {self.name} received; stopping after this step, with a checkpoint "
+              f"(send it again to stop at once)", flush=True)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
 def run_loop(open_session: Callable[[bool], Session], loop: LoopConfig, ckpt: CheckpointConfig,
              metrics: MetricsLogger) -> dict[str, Any]:
-    """Run the schedule to `loop.steps` (or `loop.stop_after`), recovering from worker deaths.
-    Returns {"step", "recoveries", ...the last step's row..., ...finish()}."""
+    """Run the schedule to `loop.steps` (or `loop.stop_after`), recovering from worker deaths
+    and stopping cleanly on SIGTERM/SIGINT. Returns {"step", "recoveries", ...the last
+    step's row..., ...finish()} (plus "stopped": the signal's name after a signal)."""
     failures, resume = 0, ckpt.resume
-    while True:
-        session = None
-        try:
-            session = open_session(resume)
-            return _run(session, loop, ckpt, metrics) | {"recoveries": failures}
-        except WorkerDied as e:
-            failures += 1
-            name = session.name if session is not None else "job"
-            if failures > loop.max_failures:
-                raise SystemExit(f"trellis {name}: {e}; gave up after {failures - 1} "
-                                 f"recoveries (train.max_failures={loop.max_failures})") from None
-            print(f"trellis {name}: {e}; restarting every worker group from the latest "
-                  f"complete checkpoint (recovery {failures}/{loop.max_failures})", flush=True)
-        finally:
-            if session is not None:
-                session.shutdown()
-        resume = True  # a restarted session always resumes, whatever checkpoint.resume said
+    with StopSignal() as stop:
+        while True:
+            session = None
+            try:
+                session = open_session(resume)
+                return _run(session, loop, ckpt, metrics, stop) | {"recoveries": failures}
+            except WorkerDied as e:
+                failures += 1
+                name = session.name if session is not None else "job"
+                if stop.name is not None:
+                    raise SystemExit(f"trellis {name}: {e} after {stop.name}; not restarted "
+                                     f"(the latest complete checkpoint is kept)") from None
+                if failures > loop.max_failures:
+                    raise SystemExit(f"trellis {name}: {e}; gave up after {failures - 1} "
+                                     f"recoveries (train.max_failures={loop.max_failures})") from None
+                print(f"trellis {name}: {e}; restarting every worker group from the latest "
+                      f"complete checkpoint (recovery {failures}/{loop.max_failures})", flush=True)
+            finally:
+                if session is not None:
+                    session.shutdown()
+            resume = True  # a restarted session always resumes, whatever checkpoint.resume said
 
 
-def _run(s: Session, loop: LoopConfig, ckpt: CheckpointConfig,
-         metrics: MetricsLogger) -> dict[str, Any]:
+def _run(s: Session, loop: LoopConfig, ckpt: CheckpointConfig, metrics: MetricsLogger,
+         stop: StopSignal) -> dict[str, Any]:
     start = s.start()
     end = min(loop.steps, loop.stop_after) if loop.stop_after else loop.steps
     eval_kind = getattr(s, "eval_kind", f"{s.metrics_kind}_eval")
@@ -89,9 +123,14 @@ def _run(s: Session, loop: LoopConfig, ckpt: CheckpointConfig,
             bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
         if loop.eval_every and step % loop.eval_every == 0 and step != end:
             _evaluate(s, metrics, step, eval_kind)
-        if checkpoint.should_save(step, ckpt, end):
+        if checkpoint.should_save(step, ckpt, end) or stop.name is not None:
             s.save(step)
         bar.update(1)
+        if stop.name is not None and step < loop.steps:
+            bar.close()
+            print(f"{s.name}: stopped after step {step} of {loop.steps} on {stop.name} "
+                  f"(checkpointed); run the same command again to resume", flush=True)
+            return last | {"stopped": stop.name}
     bar.close()
     if end < loop.steps:
         print(f"{s.name}: stopped after step {end} of {loop.steps} (train.stop_after); "
@@ -149,6 +188,7 @@ class GroupSession:
         self.group = make_group(cfg, spec, local, address)
 
     def start(self) -> int:
+        self.group.call("validate")  # data sizes are checked before the first step
         path = checkpoint.latest_complete(self.run_dir) if self.resume else None
         start = self.group.call("resume", str(path) if path else None)[0]
         info = self.group.call("info")[0]

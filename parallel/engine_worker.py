@@ -52,6 +52,10 @@ class EngineWorker:
     def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
         return int(batch["attention_mask"].sum())
 
+    def validate(self) -> None:
+        """Check, before the first step, that the data can serve the whole run (e.g. the
+        held-out split has a batch for every rank); raise a one-line error if not."""
+
     def data_state(self) -> dict[str, Any]:
         """This rank's position in its data, saved with every checkpoint (default: none)."""
         return {}

@@ -105,6 +105,16 @@ class ActorWorker(_RoleWorker):
                                           rank=self.rank, world_size=self.world)
             self.ptx = self.ptx_stream.iter_batches(self.plan.micro_batch)
 
+    # The PPO-ptx stream position is saved with the actor's checkpoints, so a resumed run
+    # continues the pretraining data where it was instead of replaying it.
+    def data_state(self) -> dict[str, Any]:
+        return {"ptx": self.ptx_stream.state_dict()} if self.ptx is not None else {}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        if self.ptx is not None and "ptx" in state:
+            self.ptx_stream.load_state_dict(state["ptx"])
+            self.ptx = self.ptx_stream.iter_batches(self.plan.micro_batch)
+
     def _gen_cfg(self, greedy: bool) -> GenerationConfig:
         p = self.ppo
         return GenerationConfig(max_new_tokens=p.max_new_tokens, do_sample=not greedy,

@@ -145,11 +145,12 @@ def test_ppo_colocated_runs(chain, tmp_path, ray_local):
 
 
 @pytest.mark.integration
-def test_ppo_reward_worker_sigkill_recovers_to_same_final_metrics(chain, tmp_path, ray_local):
-    """kill -9 of the reward worker mid-run with train.max_failures=1: every role's group is
-    restarted from the latest complete checkpoint and the run ends exactly where an
-    uninterrupted run ends."""
+def test_ppo_worker_sigkill_of_any_role_recovers_to_same_final_metrics(chain, tmp_path, ray_local):
+    """Chaos: kill -9 of one worker of a randomly chosen role at a random iteration, with
+    train.max_failures=1: every role's group is restarted from the latest complete checkpoint
+    and the run ends exactly where an uninterrupted run ends."""
     import os
+    import random
     import signal
     import threading
     import time
@@ -157,6 +158,10 @@ def test_ppo_reward_worker_sigkill_recovers_to_same_final_metrics(chain, tmp_pat
     import ray
 
     from trellis.launcher.jobs.ppo.driver import ppo
+    seed = int(os.environ.get("TRELLIS_CHAOS_SEED", time.time_ns() % 10_000))
+    rng = random.Random(seed)
+    role, after = rng.choice(["actor", "critic", "reference", "reward"]), rng.randint(1, 4)
+    print(f"chaos: TRELLIS_CHAOS_SEED={seed}: kill {role}/rank0 after iteration {after}")
     common = ("train.steps=6", "checkpoint.every=2", "ppo.eval_prompts=0", "placement=separate",
               "ppo.prompts_per_iteration=32", "ppo.minibatches=2", "ppo.ppo_epochs=2",
               *[f"{r}.parallel.cpus_per_worker=0.2" for r in ("actor", "critic", "reference",
@@ -165,12 +170,12 @@ def test_ppo_reward_worker_sigkill_recovers_to_same_final_metrics(chain, tmp_pat
     run = tmp_path / "killed"
     killed: list[int] = []
 
-    def killer() -> None:  # SIGKILL the reward worker once iteration 3 is logged
+    def killer() -> None:  # SIGKILL the chosen worker once iteration `after` is logged
         log = run / "metrics" / "ppo.csv"
         deadline = time.time() + 600
         while time.time() < deadline and not killed:
-            if log.exists() and len(rows(log)) >= 3:
-                pid = ray.get(ray.get_actor("reward/rank0").pid.remote())
+            if log.exists() and len(rows(log)) >= after:
+                pid = ray.get(ray.get_actor(f"{role}/rank0").pid.remote())
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             time.sleep(0.05)
@@ -179,11 +184,11 @@ def test_ppo_reward_worker_sigkill_recovers_to_same_final_metrics(chain, tmp_pat
     t.start()
     res = ppo(ppo_job(chain, run, *common, "train.max_failures=1"))
     t.join(timeout=10)
-    assert killed, "the reward worker was never killed"
-    assert res["recoveries"] == 1 and res["step"] == 6
-    assert killed[0] not in {w["pid"] for w in res["info"]["reward"]}  # a new reward worker
+    assert killed, f"{role} was never killed (seed {seed})"
+    assert res["recoveries"] == 1 and res["step"] == 6, seed
+    assert killed[0] not in {w["pid"] for w in res["info"][role]}  # a new worker
     for key in ("score", "kl", "actor/policy_loss", "critic/value_loss", "response_length"):
-        assert abs(res[key] - straight[key]) <= 1e-5, (key, res[key], straight[key])
+        assert abs(res[key] - straight[key]) <= 1e-5, (seed, key, res[key], straight[key])
     assert straight["recoveries"] == 0
 
 
@@ -214,18 +219,24 @@ def test_ppo_failures_beyond_budget_fail_clearly(chain, tmp_path, ray_local):
 
 
 @pytest.mark.integration
-def test_ppo_resume_reproduces_next_iteration(chain, tmp_path):
+@pytest.mark.parametrize("ptx", [False, True], ids=["plain", "ptx"])
+def test_ppo_resume_reproduces_next_iteration(chain, tmp_path, ptx):
+    """Stop after 2 of 3 iterations, resume: iteration 3 equals the uninterrupted run's. With
+    PPO-ptx the pretraining stream resumes where it was (its loss would differ if replayed)."""
     from trellis.launcher.jobs.ppo.driver import ppo
+    extra = ["train.steps=3", "ppo.eval_prompts=0"]
+    if ptx:
+        extra += ["ppo.ptx_coef=0.5", f"ppo.ptx_data={chain['task'].parent / 'data' / 'pretrain'}"]
     straight = tmp_path / "straight"
-    ppo(ppo_job(chain, straight, "train.steps=3", "ppo.eval_prompts=0"), local=True)
+    ppo(ppo_job(chain, straight, *extra), local=True)
     resumed = tmp_path / "resumed"
-    ppo(ppo_job(chain, resumed, "train.steps=3", "ppo.eval_prompts=0", "train.stop_after=2"),
-        local=True)
+    ppo(ppo_job(chain, resumed, *extra, "train.stop_after=2"), local=True)
     assert json.loads((resumed / "state" / "iter-000002.json").read_text())["iteration"] == 2
-    ppo(ppo_job(chain, resumed, "train.steps=3", "ppo.eval_prompts=0"), local=True)
+    ppo(ppo_job(chain, resumed, *extra), local=True)
     a, b = rows(straight / "metrics" / "ppo.csv"), rows(resumed / "metrics" / "ppo.csv")
     assert [r["step"] for r in b] == ["1", "2", "3"]
-    for key in ("score", "kl", "actor/policy_loss", "critic/value_loss", "response_length"):
+    keys = ["score", "kl", "actor/policy_loss", "critic/value_loss", "response_length"]
+    for key in keys + (["actor/ptx_loss"] if ptx else []):
         assert abs(float(a[2][key]) - float(b[2][key])) <= 1e-5, (key, a[2][key], b[2][key])
 
 
@@ -239,6 +250,22 @@ def test_prompt_longer_than_context_is_a_clear_error(chain, tmp_path):
         ppo(ppo_job(chain, tmp_path / "run", f"prompts={long}"), local=True)
     with pytest.raises(ConfigError, match="exceeds the model's context"):
         ppo(ppo_job(chain, tmp_path / "run2", "ppo.max_prompt_len=60"), local=True)
+
+
+@pytest.mark.integration
+def test_too_few_rows_fail_before_training_in_one_line(chain, tmp_path, capsys):
+    from trellis.launcher.cli import main
+    demos = tmp_path / "few.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": "sort: pear fig =", "response": "fig pear"})
+                             + "\n" for _ in range(12)))
+    base = ["sft", "--local", "--run-dir", str(tmp_path / "sft"), "--set", f"init_from={chain['sft']}",
+            "--set", f"data.train={demos}", "--set", "metrics.port=-1"]
+    assert main(base + ["--set", "parallel.micro_batch_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config key 'data.train': 11 training rows are too few" in err
+    assert not (tmp_path / "sft" / "checkpoints").exists()  # nothing trained
+    assert main(base + ["--set", "data.val_fraction=0.01", "--set", "parallel.micro_batch_size=4",
+                        "--set", "train.steps=2"]) == 0  # 1 held-out row: evaluated in a batch of 1
 
 
 @pytest.mark.integration

@@ -36,6 +36,19 @@ def prepare_rows(source: str, kind: str, tokenizer: Any, dest: Path) -> Path:
     return dest
 
 
+def check_split_sizes(cfg: SFTJobConfig, n_train: int, n_val: int, val_given: bool) -> None:
+    """Before any worker starts: every rank gets a full training micro-batch and at least one
+    held-out row (evaluation batches shrink to fit a small held-out split)."""
+    world, mb = cfg.parallel.num_workers, cfg.parallel.micro_batch_size
+    if n_train // world < mb:
+        raise ConfigError(f"config key 'data.train': {n_train} training rows are too few for "
+                          f"{world} ranks x micro-batch {mb} (parallel.micro_batch_size)")
+    if (val_given or cfg.data.val_fraction > 0) and n_val // world < 1:
+        where = "data.val" if val_given else "data.val_fraction"
+        raise ConfigError(f"config key '{where}': {n_val} held-out rows are too few for "
+                          f"{world} ranks (at least one row per rank)")
+
+
 def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, Any]]:
     from trellis.data_pipeline.row_stream import split_rows
     from trellis.data_pipeline.structured import StructuredDataset
@@ -57,11 +70,13 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
     train = prepare_rows(cfg.data.train, kind, tok, run_dir / "data" / "train")
     val = prepare_rows(cfg.data.val, kind, tok, run_dir / "data" / "val") if cfg.data.val else None
     train_rows = val_rows = None
+    n_train = len(StructuredDataset(train, tok.sha256))  # fails now on a mismatched tokenizer
     if val is None:
-        train_rows, val_rows = split_rows(len(StructuredDataset(train, tok.sha256)),
-                                          cfg.data.val_fraction, cfg.data.seed)
+        train_rows, val_rows = split_rows(n_train, cfg.data.val_fraction, cfg.data.seed)
+        n_train, n_val = len(train_rows), len(val_rows)
     else:
-        StructuredDataset(val, tok.sha256)  # fail now on a mismatched tokenizer
+        n_val = len(StructuredDataset(val, tok.sha256))
+    check_split_sizes(cfg, n_train, n_val, val_given=val is not None)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     write_run_model(run_dir, read_meta(init)["model"], head)
     return run_dir, {"cfg": dataclasses.asdict(cfg), "init_dir": str(init),

@@ -55,7 +55,10 @@ class _RowWorker(EngineWorker):
     def _val_batches(self):
         if self.val_rows is not None and not self.val_rows:
             return []
-        stream = RowStream(self.val_ds, self.plan.micro_batch, self.rank, self.world,
+        n = len(self.val_rows) if self.val_rows is not None else len(self.val_ds)
+        # A small held-out split is evaluated in smaller batches (same count on every rank).
+        batch = max(1, min(self.plan.micro_batch, n // self.world))
+        stream = RowStream(self.val_ds, batch, self.rank, self.world,
                            seed=0, shuffle=False, infinite=False, rows=self.val_rows)
         return [self.collate(rows) for _, rows in zip(range(self.cfg.train.eval_batches), stream)]
 
