@@ -1,6 +1,8 @@
 """Weights that move between stages: a run directory's checkpoint consolidated into trellis's
 own weight files (model/io.py), or a local Hugging Face directory, materialised once per job
-into RUN_DIR/<name> so every worker loads the same files."""
+into RUN_DIR/<name> so every worker loads the same files. Nothing here unpickles: engine
+checkpoints are read weights_only (parallel.safe_load), weight directories as safetensors;
+a refused file raises parallel.checkpoint.CheckpointError, one line naming it."""
 from __future__ import annotations
 
 import json
@@ -9,6 +11,7 @@ from pathlib import Path
 from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, copy_tokenizer
 from trellis.launcher.config_loader import ConfigError
 from trellis.model.io import META, is_module_dir, load_full_state_dict, save_module
+from trellis.parallel.checkpoint import CheckpointError
 
 RUN_MODEL = "run_model.json"  # written by every training job: {model, head, engine}
 
@@ -43,9 +46,13 @@ def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None =
         raise ConfigError(f"'{run_dir}' is not a trellis run directory (no {RUN_MODEL})")
     meta = json.loads(meta_file.read_text())
     cfg = ModelConfig.from_saved(meta["model"])
-    state = Engine.consolidate(find_checkpoint(run_dir, step) / meta["engine"])
+    path = find_checkpoint(run_dir, step) / meta["engine"]
+    state = Engine.consolidate(path)  # weights_only reads; CheckpointError when refused
     module = build_model(cfg, meta["head"])
-    load_full_state_dict(module, state, f"checkpoint of {run_dir}")
+    try:
+        load_full_state_dict(module, state, str(path))
+    except ValueError as e:  # the checkpoint's weights do not fit run_model.json
+        raise CheckpointError(str(e)) from None
     extra = {"source": str(run_dir)}
     tok = run_dir / TOKENIZER_FILE
     out = save_module(module, cfg, meta["head"], out_dir, extra)
@@ -65,8 +72,11 @@ def materialize(source: str | Path, dest: str | Path) -> Path:
     if (source / RUN_MODEL).is_file():
         return consolidate_run(source, dest)
     if (source / "config.json").is_file():
-        from trellis.model.hf import load_hf_pretrained
-        module, cfg = load_hf_pretrained(source)
+        from trellis.model.hf import UnsafeWeightsError, load_hf_pretrained
+        try:
+            module, cfg = load_hf_pretrained(source)
+        except UnsafeWeightsError as e:  # only pytorch_model.bin: refused, never unpickled
+            raise CheckpointError(str(e)) from None
         head = "lm" if cfg.arch == "gpt" else "mlm"
         out = save_module(module, cfg, head, dest, {"source": str(source)})
         tok = source / TOKENIZER_FILE

@@ -5,7 +5,8 @@ batch         BatchPlan: micro-batch x accumulation x world arithmetic
 schedule      warmup + cosine learning-rate factor
 dist          process-group init (gloo on CPU, NCCL on GPU), free_port, device_for_rank
 engine        Engine: the one DeepSpeed-backed engine interface trainers use
-checkpoint    atomic checkpoints with COMPLETE marker, per-rank state, prune
+checkpoint    atomic checkpoints with COMPLETE marker, per-rank state, prune, CheckpointError
+safe_load     checkpoint files loaded weights_only (DeepSpeed's loads included), never unpickled
 worker_group  WorkerGroup (Ray actors = one process group), LocalGroup, WorkerDied, ensure_ray
 
 Importing this package imports neither DeepSpeed nor Ray (nor torch): names below other
@@ -23,6 +24,7 @@ _LAZY = {
     "device_for_rank": "trellis.parallel.dist",
     "save_checkpoint": "trellis.parallel.checkpoint", "load_checkpoint": "trellis.parallel.checkpoint",
     "latest_complete": "trellis.parallel.checkpoint", "prune": "trellis.parallel.checkpoint",
+    "CheckpointError": "trellis.parallel.checkpoint",
     "WorkerGroup": "trellis.parallel.worker_group", "LocalGroup": "trellis.parallel.worker_group",
     "WorkerDied": "trellis.parallel.worker_group", "ensure_ray": "trellis.parallel.worker_group",
 }

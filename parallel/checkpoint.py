@@ -15,18 +15,23 @@ are ignored by latest_complete(), so a restart resumes from the previous complet
 The run directory must be on storage every rank sees (one node, or a shared filesystem).
 Rank files load with torch.load(weights_only=True), so their contents must be tensors and
 primitives (checked at save time, naming the offending key).
+
+Nothing here unpickles code: rank files load with weights_only=True and no extra types, the
+engine shards through DeepSpeed under parallel.safe_load (weights_only=True forced, a short
+allow-list of DeepSpeed's own types). A file that holds anything else raises CheckpointError.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import torch
 
@@ -34,10 +39,56 @@ from trellis.parallel import dist
 from trellis.parallel.config import CheckpointConfig
 from trellis.parallel.rng import rng_state, set_rng_state
 
-if TYPE_CHECKING:
-    from trellis.parallel.engine import Engine
-
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file was refused (it holds something other than tensors, plain values and
+    the allowed DeepSpeed types, so loading it could run code) or cannot be read. One line,
+    naming the file; nothing in the file was run. The CLI exits 1 on it."""
+
+
+# What torch.load raises on a refused (UnpicklingError) or malformed file.
+LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError)
+_UNSAFE = re.compile(r"GLOBAL (\S+) was not an allowed global")
+_BLOCKED = re.compile(r"(\S+) whose module (\S+) is blocked")
+
+
+def _reason(e: BaseException) -> str:
+    """One line from torch's multi-paragraph weights_only error (which suggests loading with
+    weights_only=False: never)."""
+    text = str(e)
+    m = _UNSAFE.search(text)
+    if m:
+        return f"it holds {m.group(1)}, which is not a tensor or an allowed DeepSpeed type"
+    m = _BLOCKED.search(text)
+    if m:
+        return f"it holds {m.group(1)} from the blocked module {m.group(2)}"
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Weights only load failed", "(1)", "(2)")):
+            return line.removeprefix("WeightsUnpickler error: ")
+    return type(e).__name__
+
+
+def refused(file: Any, e: BaseException) -> CheckpointError:
+    """The CheckpointError for what torch.load(weights_only=True) raised on `file`."""
+    name = str(file) if isinstance(file, (str, Path)) else getattr(file, "name", repr(file))
+    if isinstance(e, pickle.UnpicklingError):
+        return CheckpointError(f"refused to load checkpoint file '{name}': {_reason(e)}; "
+                               f"nothing in it was run")
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return CheckpointError(f"checkpoint file '{name}' is unreadable: {first}")
+
+
+class EngineLike(Protocol):
+    """What checkpoints need of parallel.engine.Engine (not imported here: the engine's load
+    path imports this module's CheckpointError)."""
+
+    def save(self, directory: str | Path, client_state: dict | None = None) -> None: ...
+
+    def load(self, directory: str | Path) -> dict: ...
+
 
 MARKER = "COMPLETE"
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -198,7 +249,7 @@ class Restored:
     path: Path | None = None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, "Engine"],
+def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, EngineLike],
                     rank_state: dict[str, Any] | None = None,
                     keep_last: int | None = None) -> Path:
     """Collective: every rank calls with its own rank_state. Returns the checkpoint path."""
@@ -227,7 +278,7 @@ def save_checkpoint(run_dir: str | Path, step: int, engines: Mapping[str, "Engin
     return final
 
 
-def load_checkpoint(path: str | Path, engines: Mapping[str, "Engine"],
+def load_checkpoint(path: str | Path, engines: Mapping[str, EngineLike],
                     restore_rng: bool = True) -> Restored:
     """Collective: restore engines and this rank's state from a complete checkpoint."""
     path = Path(path)
@@ -246,7 +297,10 @@ def load_checkpoint(path: str | Path, engines: Mapping[str, "Engine"],
     rank_file = path / f"rank_{rank}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' lacks {rank_file.name}")
-    saved = torch.load(rank_file, map_location="cpu", weights_only=True)
+    try:  # tensors and plain values only: no allow-list here
+        saved = torch.load(rank_file, map_location="cpu", weights_only=True)
+    except LOAD_ERRORS as e:
+        raise refused(rank_file, e) from None
     if restore_rng:
         set_rng_state(saved["rng"])
     return Restored(step=int(marker["step"]), state=saved["state"], path=path)

@@ -250,12 +250,18 @@ class Engine:
         self._ds.save_checkpoint(str(directory), tag=TAG, client_state=client_state or {})
 
     def load(self, directory: str | Path) -> dict:
-        """Collective: restore module, optimizer, scheduler and step; returns client_state."""
-        if not (Path(directory) / TAG).is_dir():
+        """Collective: restore module, optimizer, scheduler and step; returns client_state.
+        DeepSpeed reads the files with torch.load forced to weights_only=True (parallel.
+        safe_load); a file holding anything else raises CheckpointError naming it."""
+        from trellis.parallel.safe_load import check_files, safe_torch_load
+        tag_dir = Path(directory) / TAG
+        if not tag_dir.is_dir():
             raise FileNotFoundError(f"no engine checkpoint in '{directory}'")
-        path, client_state = self._ds.load_checkpoint(
-            str(directory), tag=TAG, load_optimizer_states=self.trainable,
-            load_lr_scheduler_states=self.trainable)
+        check_files(sorted(tag_dir.glob("*.pt")))  # every rank refuses before any collective
+        with safe_torch_load():
+            path, client_state = self._ds.load_checkpoint(
+                str(directory), tag=TAG, load_optimizer_states=self.trainable,
+                load_lr_scheduler_states=self.trainable)
         if path is None:
             raise FileNotFoundError(f"no engine checkpoint in '{directory}'")
         return dict(client_state or {})
@@ -263,15 +269,26 @@ class Engine:
     @staticmethod
     def consolidate(directory: str | Path) -> dict[str, torch.Tensor]:
         """fp32 state dict from an engine checkpoint written by save(), on one process:
-        DeepSpeed's zero_to_fp32 for ZeRO 1-3, the saved module for stage 0."""
+        DeepSpeed's zero_to_fp32 for ZeRO 1-3, the saved module for stage 0. Every file is read
+        weights_only (parallel.safe_load); a refused, unreadable or inconsistent checkpoint
+        raises CheckpointError, one line naming the file or directory."""
+        from trellis.parallel.checkpoint import CheckpointError
+        from trellis.parallel.safe_load import check_files, load_file, safe_torch_load
         tag_dir = Path(directory) / TAG
         if not tag_dir.is_dir():
             raise FileNotFoundError(f"no engine checkpoint in '{directory}'")
-        if glob.glob(str(tag_dir / "*optim_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
-        else:
-            # DeepSpeed's own model-state file; tensors and plain values only, so never unpickled.
-            sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=True)["module"]
-        return {k: v.float() for k, v in sd.items()}
+        check_files(sorted(tag_dir.glob("*.pt")))
+        try:
+            if glob.glob(str(tag_dir / "*optim_states.pt")):
+                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+                with safe_torch_load():
+                    sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+            else:  # ZeRO-0: DeepSpeed's own model-state file holds the full module
+                sd = load_file(tag_dir / "mp_rank_00_model_states.pt")["module"]
+            return {k: v.float() for k, v in sd.items()}
+        except (CheckpointError, FileNotFoundError):
+            raise
+        except Exception as e:  # a malformed but safe file: DeepSpeed's KeyError, ValueError...
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise CheckpointError(f"engine checkpoint '{tag_dir}' cannot be consolidated: "
+                                  f"{type(e).__name__}: {first}") from e
