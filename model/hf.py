@@ -3,6 +3,8 @@
 Reads and writes the layout `transformers` uses: config.json + model.safetensors (or a
 sharded model.safetensors.index.json). GPT maps to GPT2LMHeadModel, BertForMaskedLM to
 BertForMaskedLM; exported directories load with `from_pretrained` and no trellis code.
+Loading reads safetensors and JSON only; weights that exist only as a pickle
+(pytorch_model.bin) are refused with UnsafeWeightsError, never unpickled.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -135,16 +138,45 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig
     return out
 
 
+class UnsafeWeightsError(ValueError):
+    """A model directory whose weights exist only as pickles (pytorch_model.bin, *.pt, ...),
+    which trellis never loads: unpickling a file can run code it names."""
+
+
+# Weight files that are pickles (or other formats trellis does not read); named in the error.
+_PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:  # e.g. a pickle renamed .safetensors; its message has no path
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The directory's safetensors weights. Never unpickles: a directory with only
+    pytorch_model.bin (or another pickle) raises UnsafeWeightsError naming it."""
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return _load_safetensors(single)
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         state: dict[str, torch.Tensor] = {}
         for f in files:
-            state.update(load_file(str(path / f)))
+            # Shards are safetensors files inside this directory, nothing else.
+            if not isinstance(f, str) or Path(f).name != f or not f.endswith(".safetensors"):
+                raise ValueError(f"{index}: shard {f!r} is not a .safetensors file in {path}")
+            state.update(_load_safetensors(path / f))
         return state
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLED_SUFFIXES)
+    if pickled:
+        raise UnsafeWeightsError(
+            f"{path}: weights only in {pickled[0]}, a pickle, which trellis does not load "
+            f"(unpickling can run code); convert it to model.safetensors with a tool you trust")
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -192,7 +224,13 @@ def save_hf_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path,
                        tokenizer_file: str | None = None, bos_id: int | None = None,
                        eos_id: int | None = None) -> Path:
     """Write config.json + model.safetensors (+ the tokenizer file) to out_dir.
-    A SentencePiece model is copied as tokenizer.model; other files keep their name."""
+    A SentencePiece model is copied as tokenizer.model; other files keep their name (the
+    tokenizer.json transformers reads is written by data code: data_pipeline/hf_tokenizer.py).
+
+    bos_id / eos_id go into config.json (and so into transformers' generation config). Pass a
+    bos_id only when the model was trained with that token starting its sequences: trellis's
+    data never prepends BOS, so its exports leave it None ("bos_token_id": null), and a BOS
+    that a user or generate() added would be a token the model never saw."""
     arch = _architecture(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
