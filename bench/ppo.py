@@ -155,7 +155,7 @@ def run_trl(assets: dict[str, Path], root: Path, args: argparse.Namespace) -> di
 
     hf_dir = root / "hf-policy"
     module, cfg, _ = load_module(assets["policy"])
-    save_hf_pretrained(module, cfg, hf_dir, str(assets["tokenizer"]), bos_id=2, eos_id=3)
+    save_hf_pretrained(module, cfg, hf_dir, str(assets["tokenizer"]), bos_id=None, eos_id=3)  # trellis adds no BOS
     hf_tok = LlamaTokenizer.from_pretrained(str(hf_dir))
     hf_tok.pad_token, hf_tok.padding_side = "<pad>", "left"
     tok = Tokenizer(assets["tokenizer"])  # prompt ids exactly as trellis tokenizes them
