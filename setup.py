@@ -37,6 +37,7 @@ setup(
         "pyyaml>=6",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "xxhash>=3",
         "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8", "transformers>=4.40", "accelerate>=0.30"]},

@@ -5,10 +5,16 @@
    second of this process (CPU time, so other load on the machine does not count), next to a
    raw memory-mapped read of the same shards (copying every token out: as uint16, and
    widened to int64 like the batches), as ratios. Goal: >= 200M tokens/s, >= 25% of raw.
-2. Ingest: tokenization tokens/s (wall clock) with 1 and 2 processes on the default corpus
+2. Integrity: the cost of verifying shards (size + xxh3_64 checksum on the first open per
+   process, token ids checked against the vocabulary from the manifest). Streaming with
+   checks vs without (verify=False), interleaved runs, as a ratio: steady state (shards
+   already verified in this process; goal: < 5% slower, i.e. ratio >= 0.95) and one epoch
+   that includes the first open; and the checksum alone, as GB/s and as a fraction of the
+   time streaming the same tokens takes.
+3. Ingest: tokenization tokens/s (wall clock) with 1 and 2 processes on the default corpus
    repeated, one document per file. Goal: >= 1.7x at 2 processes (needs 2 idle cores).
 
-    python bench/data_pipeline.py [--tokens 50_000_000] [--copies 8]
+    python bench/data_pipeline.py [--tokens 50_000_000] [--copies 8] [--only integrity]
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from trellis.data_pipeline.config import DataConfig  # noqa: E402
 from trellis.data_pipeline.corpus import default_corpus_documents  # noqa: E402
 from trellis.data_pipeline.ingest import ingest  # noqa: E402
-from trellis.data_pipeline.shards import load_manifest, make_token_dataset, open_shard  # noqa: E402
+from trellis.data_pipeline.shards import (clear_verified, load_manifest,  # noqa: E402
+                                          make_token_dataset, open_shard, verify_shard)
 from trellis.data_pipeline.stream import TokenStream  # noqa: E402
 from trellis.data_pipeline.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
 
@@ -57,8 +64,10 @@ def raw_read(root: Path, widen: bool) -> tuple[int, float]:
     return n, time.process_time() - t0
 
 
-def stream_read(root: Path, total: int, B: int, T: int = 1024) -> tuple[int, float]:
-    s = TokenStream(root, DataConfig(seq_len=T, shuffle_buffer=1024, seed=0))
+def stream_read(root: Path, total: int, B: int, T: int = 1024,
+                verify: bool = True) -> tuple[int, float]:
+    s = TokenStream(root, DataConfig(seq_len=T, shuffle_buffer=1024, seed=0), verify=verify,
+                    vocab_size=32_000)
     it = s.iter_batches(B)
     t0, n = time.process_time(), 0
     while n < total:
@@ -83,36 +92,78 @@ def python_speed() -> float:
     return (time.process_time() - t0) / 200_000 * 1e9
 
 
-def bench_stream(tokens: int) -> None:
+def bench_stream(tokens: int, parts: set[str]) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="trellis-bench-"))
     try:
         root = make_shards(tmp / "shards", tokens)
-        m = load_manifest(root)
-        print(f"shards: {len(m['shards'])} files, {m['num_documents']:,} docs "
-              f"(mean {m['num_tokens'] / m['num_documents']:.0f} tokens), "
-              f"{m['num_tokens']:,} uint16 tokens")
-        raw_read(root, False)  # warm the page cache
-        best = {}
-        for name, fn in (("raw mmap copy (uint16)", lambda: raw_read(root, False)),
-                         ("raw mmap -> int64", lambda: raw_read(root, True)),
-                         ("TokenStream packed 8x1024", lambda: stream_read(root, m["num_tokens"], 8)),
-                         ("TokenStream packed 32x1024",
-                          lambda: stream_read(root, m["num_tokens"], 32))):
-            rates = []
-            for _ in range(3):
-                n, dt = fn()
-                rates.append(n / dt)
-            best[name] = max(rates)
-            print(f"  {name:28s} {best[name] / 1e6:9.1f} M tokens/s (best of 3)")
-        for b in (8, 32):
-            s = best[f"TokenStream packed {b}x1024"]
-            print(f"  B={b}: stream / raw uint16 copy = {s / best['raw mmap copy (uint16)']:.2f}; "
-                  f"stream / raw int64 = {s / best['raw mmap -> int64']:.2f} "
-                  f"(goal >= 200M tokens/s and >= 0.25)")
-        print(f"  (Python yardstick: min(a, b) takes {python_speed():.0f} ns here; "
-              "~40-60 ns on a typical desktop core)")
+        if "stream" in parts:
+            _stream_rates(root)
+        if "integrity" in parts:
+            print("integrity (size + xxh3_64 checksum per shard on first open, ids vs vocab):")
+            _integrity(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _integrity(root: Path, reps: int = 5) -> None:
+    m = load_manifest(root)
+    raw_read(root, False)  # warm the page cache
+    n_bytes = sum(s["bytes"] for s in m["shards"])
+    hash_s = []
+    for _ in range(reps):
+        clear_verified()
+        t0 = time.process_time()
+        for s in m["shards"]:
+            verify_shard(root / s["path"], s)
+        hash_s.append(time.process_time() - t0)
+    h = sorted(hash_s)[len(hash_s) // 2]
+    print(f"  checksum, all {len(m['shards'])} shards ({n_bytes / 1e6:.0f} MB): {h * 1e3:.1f} ms "
+          f"= {n_bytes / h / 1e9:.1f} GB/s (median of {reps})")
+    B, total = 8, m["num_tokens"]
+    for label, first_open in (("steady state (verified earlier in the process)", False),
+                              ("one epoch incl. first open (cache cleared)", True)):
+        rates: dict[bool, list[float]] = {True: [], False: []}
+        for r in range(reps):  # interleaved, alternating which goes first
+            for verify in ((True, False) if r % 2 == 0 else (False, True)):
+                if first_open:
+                    clear_verified()
+                n, dt = stream_read(root, total, B, verify=verify)
+                rates[verify].append(n / dt)
+        med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+        print(f"  {label}: checked {med[True] / 1e6:.0f}M vs unchecked {med[False] / 1e6:.0f}M "
+              f"tokens/s (B={B}, median of {reps}) -> ratio {med[True] / med[False]:.3f} "
+              f"(goal >= 0.95)")
+        if not first_open:
+            epoch_s = total / med[False]
+            print(f"  checksum time / one unchecked epoch of streaming the same tokens = "
+                  f"{h / epoch_s:.3f}")
+
+
+def _stream_rates(root: Path) -> None:
+    m = load_manifest(root)
+    print(f"shards: {len(m['shards'])} files, {m['num_documents']:,} docs "
+          f"(mean {m['num_tokens'] / m['num_documents']:.0f} tokens), "
+          f"{m['num_tokens']:,} uint16 tokens")
+    raw_read(root, False)  # warm the page cache
+    best = {}
+    for name, fn in (("raw mmap copy (uint16)", lambda: raw_read(root, False)),
+                     ("raw mmap -> int64", lambda: raw_read(root, True)),
+                     ("TokenStream packed 8x1024", lambda: stream_read(root, m["num_tokens"], 8)),
+                     ("TokenStream packed 32x1024",
+                      lambda: stream_read(root, m["num_tokens"], 32))):
+        rates = []
+        for _ in range(3):
+            n, dt = fn()
+            rates.append(n / dt)
+        best[name] = max(rates)
+        print(f"  {name:28s} {best[name] / 1e6:9.1f} M tokens/s (best of 3)")
+    for b in (8, 32):
+        s = best[f"TokenStream packed {b}x1024"]
+        print(f"  B={b}: stream / raw uint16 copy = {s / best['raw mmap copy (uint16)']:.2f}; "
+              f"stream / raw int64 = {s / best['raw mmap -> int64']:.2f} "
+              f"(goal >= 200M tokens/s and >= 0.25)")
+    print(f"  (Python yardstick: min(a, b) takes {python_speed():.0f} ns here; "
+          "~40-60 ns on a typical desktop core)")
 
 
 def bench_ingest(copies: int) -> None:
@@ -148,11 +199,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=50_000_000)
     ap.add_argument("--copies", type=int, default=8)
+    ap.add_argument("--only", choices=["stream", "integrity", "ingest"], action="append",
+                    help="run only these parts (repeatable; default all)")
     args = ap.parse_args()
-    print("streaming (one core):")
-    bench_stream(args.tokens)
-    print("ingest:")
-    bench_ingest(args.copies)
+    parts = set(args.only or ["stream", "integrity", "ingest"])
+    if parts & {"stream", "integrity"}:
+        print("streaming (one core):")
+        bench_stream(args.tokens, parts)
+    if "ingest" in parts:
+        print("ingest:")
+        bench_ingest(args.copies)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ class IngestConfig:
     """What happens to a document longer than max_doc_chars (counted either way)."""
     on_error: Literal["skip", "fail"] = "skip"
     """skip: bad rows/files are counted, printed and left out; fail: the first one aborts."""
+    max_skipped: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    """Share of input records that may be skipped (bad JSON, empty, ...) before the ingest
+    exits 1 after its full report (every skipped record by file:line); 0 = none may be."""
 
 
 @dataclass

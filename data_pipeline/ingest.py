@@ -10,11 +10,17 @@ the inputs and settings: a rerun with different ones is refused instead of mixin
 
 Tasks run in a process pool, or as Ray tasks (``backend="ray"``) on an attached cluster
 whose nodes share the output filesystem.
+
+Every shard's manifest entry carries its size, xxh3_64 checksum and token-id range (see
+data_pipeline.shards). Every skipped input record is counted by reason and listed by
+``file:line`` (up to SKIP_LINES per reason per task) in ``out_dir/skipped.txt``; the first
+REPORT_LINES are printed and kept in the manifest.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -25,12 +31,18 @@ import numpy as np
 
 from trellis.data_pipeline.config import InputSource
 from trellis.data_pipeline.inputs import Doc, Piece, Skip, detect_format, expand_paths, plan_pieces, read_piece
-from trellis.data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_json, new_manifest,
-                                  read_shard_meta, token_dtype, write_shard)
+from trellis.data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_bytes,
+                                          atomic_write_json, file_integrity, new_manifest,
+                                          open_shard, read_shard_meta, token_dtype, write_shard)
 from trellis.data_pipeline.tokenizer import Tokenizer, mp_context
 
 BENIGN = {"empty"}        # counted and reported, but never fatal under on_error="fail"
-EXAMPLES_PER_REASON = 5   # skip messages kept per reason per task (all are counted)
+SKIP_LINES = 10_000       # skip messages kept per reason per task (all are counted)
+REPORT_LINES = 100        # skip messages printed and kept in the manifest (all: SKIPPED_FILE)
+SKIPPED_FILE = "skipped.txt"
+# Skips that drop a whole file (its rows are not counted), not one record.
+FILE_REASONS = frozenset({"corrupt_file", "unreadable_file", "missing_column",
+                          "bad_column_type", "bad_format"})
 ENCODE_BATCH = 512
 
 
@@ -108,6 +120,20 @@ def _resume_point(task: Task, out: Path) -> tuple[list[dict], int]:
     return done, done[-1]["cursor"] if done else 0
 
 
+def _shard_entry(out: Path, entry: dict, meta: dict | None = None) -> dict:
+    """A shard's manifest entry with its integrity fields; a shard written by an earlier
+    run (resume) is hashed from disk, its id range taken from its metadata or scanned."""
+    if "checksum" in entry:
+        return entry
+    path = out / entry["path"]
+    meta = meta if meta is not None else read_shard_meta(path)
+    lo, hi = meta.get("min_id"), meta.get("max_id")
+    if "max_id" not in meta:
+        v = open_shard(path).values
+        lo, hi = (int(v.min()), int(v.max())) if len(v) else (None, None)
+    return {**entry, **file_integrity(path, lo, hi)}
+
+
 def _records(task: Task, cursor: int) -> Iterable[tuple[int, Doc | Skip]]:
     items = itertools.chain.from_iterable(
         read_piece(p, task.text_mode, task.field) for p in task.pieces)
@@ -120,7 +146,9 @@ class _TaskRun:
     def __init__(self, task: Task, st: TaskSettings, tok: Tokenizer, finished: list[dict]):
         self.task, self.st, self.tok = task, st, tok
         self.out, self.dtype = Path(st.out_dir), np.dtype(st.dtype)
-        self.shards = [{k: m[k] for k in ("path", "num_documents", "num_tokens")} for m in finished]
+        self.shards = [_shard_entry(self.out, {k: m[k] for k in ("path", "num_documents",
+                                                                 "num_tokens")}, m)
+                       for m in finished]
         self.skipped: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
         self.split = 0
@@ -143,7 +171,7 @@ class _TaskRun:
             raise DataError(s.message)
         self.open_skipped[s.reason] += 1
         ex = self.open_examples.setdefault(s.reason, [])
-        if len(ex) + len(self.examples.get(s.reason, [])) < EXAMPLES_PER_REASON:
+        if len(ex) + len(self.examples.get(s.reason, [])) < SKIP_LINES:
             ex.append(s.message)
 
     def texts_of(self, d: Doc) -> list[str]:
@@ -172,8 +200,8 @@ class _TaskRun:
         meta = {"path": rel, "cursor": cursor, "num_documents": len(self.docs),
                 "num_tokens": self.n_tokens, "skipped": dict(self.open_skipped),
                 "examples": self.open_examples, "split": self.open_split}
-        write_shard(self.out / rel, self.docs, self.dtype, meta)
-        self.shards.append({k: meta[k] for k in ("path", "num_documents", "num_tokens")})
+        info = write_shard(self.out / rel, self.docs, self.dtype, meta)
+        self.shards.append({"path": rel, "num_documents": len(self.docs), **info})
         self._absorb()
 
     def _absorb(self) -> None:
@@ -188,7 +216,8 @@ class _TaskRun:
             self.close(total)
         self._absorb()  # skips after the last shard
         rec = {"source": self.task.source, "task": self.task.index, "shards": self.shards,
-               "skipped": dict(self.skipped), "examples": self.examples, "split": self.split}
+               "records": total, "skipped": dict(self.skipped), "examples": self.examples,
+               "split": self.split}
         atomic_write_json(self.out / f"{self.task.source}/{self.task.index:05d}.done.json", rec)
         return rec
 
@@ -200,6 +229,7 @@ def run_task(task: Task, st: TaskSettings, tok: Tokenizer) -> dict:
     if done_path.is_file():
         rec = json.loads(done_path.read_text())
         if all((out / s["path"]).is_file() for s in rec["shards"]):
+            rec["shards"] = [_shard_entry(out, s) for s in rec["shards"]]  # older records
             return rec
     finished, cursor = _resume_point(task, out)
     run = _TaskRun(task, st, tok, finished)
@@ -309,7 +339,10 @@ def ingest(sources: Any, tokenizer: Tokenizer | str | Path, out_dir: str | Path,
                       "tasks": [[t.source, t.index, t.text_mode, t.field,
                                  [asdict(p) for p in t.pieces]] for t in tasks]})
     records = _run_all(tasks, st, tok, processes, backend, progress)
-    manifest = _manifest(records, srcs, tok, dtype)
+    lines = sorted((m for r in records for ex in r["examples"].values() for m in ex),
+                   key=natural_key)
+    manifest = _manifest(records, srcs, tok, dtype, lines)
+    write_skip_report(out, lines, sum(manifest["skipped"].values()), manifest)
     atomic_write_json(out / MANIFEST_NAME, manifest)
     if verbose:
         report_skips(manifest, str(out / MANIFEST_NAME))
@@ -317,8 +350,8 @@ def ingest(sources: Any, tokenizer: Tokenizer | str | Path, out_dir: str | Path,
 
 
 def _manifest(records: list[dict], srcs: list[InputSource], tok: Tokenizer,
-              dtype: np.dtype) -> dict[str, Any]:
-    shards, skipped, examples, split = [], Counter(), [], 0
+              dtype: np.dtype, lines: list[str]) -> dict[str, Any]:
+    shards, skipped, split, n_records = [], Counter(), 0, 0
     per_source: dict[str, dict] = {s.name: {"inputs": s.paths, "num_documents": 0,
                                             "num_tokens": 0, "num_shards": 0, "skipped": Counter()}
                                    for s in srcs}
@@ -332,23 +365,47 @@ def _manifest(records: list[dict], srcs: list[InputSource], tok: Tokenizer,
         skipped.update(rec["skipped"])
         ps["skipped"].update(rec["skipped"])
         split += rec["split"]
-        for ex in rec["examples"].values():
-            examples.extend(ex)
+        n_records += rec.get("records", sum(s["num_documents"] for s in rec["shards"])
+                             + sum(rec["skipped"].values()))  # records of older ingests
     for ps in per_source.values():
         ps["skipped"] = dict(sorted(ps["skipped"].items()))
     return new_manifest("tokens", tok.sha256, tok.vocab_size, dtype, shards, dict(skipped),
-                        examples[:100], split, tok.path, per_source, tok.eos_id, tok.pad_id)
+                        lines[:REPORT_LINES], split, tok.path, per_source, tok.eos_id,
+                        tok.pad_id, input_records=n_records)
+
+
+def natural_key(line: str) -> list:
+    """Sort key: file names, then line / row numbers as numbers (a.jsonl:9 before :10)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", line)]
+
+
+def write_skip_report(out: Path, lines: list[str], total: int, manifest: dict) -> None:
+    """out/SKIPPED_FILE: every kept skip message, one `file:line: why` per line (and how many
+    were counted but not kept); removed when nothing was skipped. Notes it in `manifest`."""
+    path = out / SKIPPED_FILE
+    if not total:
+        path.unlink(missing_ok=True)
+        return
+    text = "".join(f"{line}\n" for line in lines)
+    if total > len(lines):
+        text += (f"... and {total - len(lines)} more skipped records, counted but not listed "
+                 f"(at most {SKIP_LINES} are kept per reason per input task)\n")
+    atomic_write_bytes(path, text.encode())
+    manifest["skipped_report"] = SKIPPED_FILE
 
 
 def report_skips(manifest: dict, where: str, file=None) -> None:
-    """Print skipped inputs: the kept example lines, then one total line per reason."""
+    """Print skipped inputs: the first REPORT_LINES `file:line: why` lines, then the totals
+    by reason and where the full list is."""
     file = file or sys.stderr
     if not manifest["skipped"] and not manifest.get("long_documents_split"):
         return
     for line in manifest["skipped_examples"]:
         print(f"skipped: {line}", file=file)
+    total = sum(manifest["skipped"].values())
     counts = ", ".join(f"{k}={v}" for k, v in manifest["skipped"].items())
-    print(f"ingest {where}: skipped {sum(manifest['skipped'].values())} input records "
-          f"({counts or 'none'}); {manifest.get('long_documents_split', 0)} long documents "
-          "split", file=file)
+    report = manifest.get("skipped_report")
+    listed = f"; full list: {Path(where).parent / report}" if report else ""
+    print(f"ingest {where}: skipped {total} input records ({counts or 'none'}){listed}; "
+          f"{manifest.get('long_documents_split', 0)} long documents split", file=file)
 

@@ -25,20 +25,32 @@ from typing import Any
 
 import numpy as np
 
-from trellis.data_pipeline.shards import DataError, ShardArrays, check_tokenizer, load_manifest, open_shard
+from trellis.data_pipeline.shards import (DataError, ShardArrays, check_token_range,
+                                          check_tokenizer, id_limit, load_manifest, open_shard,
+                                          warn_unverified)
 
 IDENTITY_WINDOW = 1 << 16  # window size when documents are not shuffled (amortizes lookups)
 CHUNK_TOKENS = 1 << 18     # documents are gathered (with their EOS) into chunks of this size
 
 
 class Source:
-    """An ingested dataset opened for one split: per-shard document ranges and lazy mmaps."""
+    """An ingested dataset opened for one split: per-shard document ranges and lazy mmaps.
 
-    def __init__(self, name: str, path: str, split: str, val_fraction: float, tokenizer: Any):
+    Integrity (see data_pipeline.shards): the manifest's recorded token ids must fit below
+    `vocab_size` (the model's) and the tokenizer's vocabulary, checked here without reading a
+    shard; each shard's size and checksum are verified when this process first maps it
+    (`verify`), so no batch carries bytes other than the ingested ones."""
+
+    def __init__(self, name: str, path: str, split: str, val_fraction: float, tokenizer: Any,
+                 vocab_size: int | None = None, verify: bool = True):
         m = load_manifest(path)
         if m["kind"] != "tokens":
             raise DataError(f"{path}: manifest kind is '{m['kind']}', not 'tokens'")
         check_tokenizer(m, tokenizer)
+        check_token_range(m, vocab_size)
+        if verify:
+            warn_unverified(m)
+        self.verify, self.limit = verify, id_limit(m, vocab_size)
         self.name, self.manifest, self.root = name, m, Path(m["root"])
         self.key = zlib.crc32(name.encode())
         self.eos_id = int(m["tokenizer"].get("eos_id", 3))
@@ -79,7 +91,7 @@ class Source:
         a = self._open.get(shard)
         if a is None:
             s = self.manifest["shards"][shard]
-            a = open_shard(self.root / s["path"], s["num_documents"], s["num_tokens"])
+            a = open_shard(self.root / s["path"], entry=s, verify=self.verify, limit=self.limit)
             self._open[shard] = a
         return a
 

@@ -7,11 +7,21 @@ records the ingest cursor so an interrupted ingest resumes after the last finish
 
 ``manifest.json`` (schema version MANIFEST_VERSION) lists every shard with its document and
 token counts, the tokenizer's sha256 and vocab size, and skipped-input counts by reason.
+
+Integrity: each shard entry also records the file's size (``bytes``), an xxh3_64 checksum of
+its bytes (``checksum``, "xxh3_64:<hex>") and its smallest and largest token id (``min_id``,
+``max_id``). ``load_manifest`` checks every size (a stat per shard); ``open_shard`` with the
+entry checks the checksum on the first open of that file version in the process (cached by
+path, size, mtime and inode), and ``check_token_range`` refuses a manifest whose recorded ids
+do not fit the vocabulary. Manifests written before these keys are read with what can be
+checked (counts; ids scanned on open) and one warning per manifest saying so.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,6 +35,16 @@ MANIFEST_NAME = "manifest.json"
 
 class DataError(ValueError):
     """Bad data on disk; str() is one line naming the file (and row where it applies)."""
+
+
+class UnverifiedDataWarning(UserWarning):
+    """A manifest written before shard checksums: its shards' contents cannot be verified."""
+
+
+CHECKSUM_ALGOS = ("xxh3_64", "xxh64")
+_VERIFIED: dict[tuple, str] = {}              # file version -> checksum verified in this process
+_SCANNED: dict[tuple, tuple[int, int]] = {}   # file version -> (min, max) id scanned on open
+_WARNED: set[str] = set()                     # manifests already warned about in this process
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -46,8 +66,10 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def write_shard(path: Path, docs: Sequence[np.ndarray], dtype: np.dtype,
-                meta: dict[str, Any] | None = None) -> int:
-    """Write `docs` (1-D integer arrays) as one shard, atomically. Returns the token count."""
+                meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `docs` (1-D integer arrays) as one shard, atomically. Returns its manifest
+    integrity fields: num_tokens, bytes, checksum, min_id, max_id (the id range is also
+    stored in the shard's metadata, so a resumed ingest finds it there)."""
     lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
@@ -55,18 +77,17 @@ def write_shard(path: Path, docs: Sequence[np.ndarray], dtype: np.dtype,
         raise DataError(f"{path}: shard would hold {offsets[-1]} tokens (limit 2^31); "
                         "lower shard_tokens")
     values = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype)
+    lo, hi = (int(values.min()), int(values.max())) if len(values) else (None, None)
     arr = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
-    schema = pa.schema([pa.field("tokens", arr.type)],
-                       metadata={"trellis": json.dumps(meta or {})})
-    batch = pa.record_batch([arr], schema=schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
-        w.write_batch(batch)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # readers never see half a shard
-    return int(offsets[-1])
+    meta = {**(meta or {}), "min_id": lo, "max_id": hi}
+    schema = pa.schema([pa.field("tokens", arr.type)], metadata={"trellis": json.dumps(meta)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema) as w:
+        w.write_batch(pa.record_batch([arr], schema=schema))
+    buf = sink.getvalue()
+    atomic_write_bytes(path, buf)  # readers never see half a shard
+    return {"num_tokens": int(offsets[-1]), "bytes": buf.size,
+            "checksum": bytes_checksum(buf), "min_id": lo, "max_id": hi}
 
 
 def read_shard_meta(path: Path) -> dict[str, Any]:
@@ -85,6 +106,116 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else type(e).__name__
 
 
+# -- integrity ----------------------------------------------------------------------------------
+def bytes_checksum(data: Any, algo: str = "xxh3_64") -> str:
+    """"<algo>:<hex>" of a bytes-like object."""
+    import xxhash
+    fn = {"xxh3_64": xxhash.xxh3_64_hexdigest, "xxh64": xxhash.xxh64_hexdigest}[algo]
+    return f"{algo}:{fn(data)}"
+
+
+def file_checksum(path: Path, algo: str = "xxh3_64") -> str:
+    """"<algo>:<hex>" of a file's bytes (memory-mapped: ~20 GB/s from the page cache)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return bytes_checksum(b"", algo)
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return bytes_checksum(mm, algo)
+
+
+def file_integrity(path: Path, min_id: int | None, max_id: int | None) -> dict[str, Any]:
+    """The manifest integrity fields of a shard already on disk (a resumed ingest)."""
+    return {"bytes": path.stat().st_size, "checksum": file_checksum(path),
+            "min_id": min_id, "max_id": max_id}
+
+
+def _version(path: Path, st: os.stat_result) -> tuple:
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def verify_shard(path: Path, entry: dict[str, Any]) -> None:
+    """Check a shard file against its manifest entry: size, then checksum. The checksum is
+    computed once per process per file version (path, size, mtime, inode); DataError names
+    the file. Entries without these keys (older manifests) are not checked here."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: shard is missing") from None
+    want_size = entry.get("bytes")
+    if want_size is not None and st.st_size != want_size:
+        raise DataError(f"{path}: corrupt or truncated Arrow shard ({st.st_size} bytes, the "
+                        f"manifest says {want_size}); re-ingest it")
+    want = entry.get("checksum")
+    if want is None:
+        return
+    key = _version(path, st)
+    if _VERIFIED.get(key) == want:
+        return
+    algo = want.split(":", 1)[0]
+    if algo not in CHECKSUM_ALGOS:
+        raise DataError(f"{path}: unknown checksum algorithm '{algo}' in the manifest "
+                        f"(known: {', '.join(CHECKSUM_ALGOS)})")
+    have = file_checksum(path, algo)
+    if have != want:
+        raise DataError(f"{path}: corrupt shard: checksum {have} does not match the manifest's "
+                        f"{want}; re-ingest it")
+    _VERIFIED[key] = want
+
+
+def clear_verified() -> None:
+    """Forget which shards this process verified (tests, benchmarks)."""
+    _VERIFIED.clear()
+    _SCANNED.clear()
+    _WARNED.clear()
+
+
+def id_limit(manifest: dict[str, Any], vocab_size: int | None = None) -> tuple[int, str]:
+    """(exclusive upper bound for token ids, what it is): the model's vocabulary when given,
+    else (or when smaller) the tokenizer's recorded in the manifest."""
+    tok_v = manifest["tokenizer"].get("vocab_size")
+    limits = [(int(v), what) for v, what in ((vocab_size, "the model's vocabulary"),
+                                              (tok_v, "the tokenizer's vocabulary"))
+              if v is not None]
+    return min(limits) if limits else (1 << 32, "uint32")
+
+
+def check_id_range(path: Any, lo: int | None, hi: int | None, limit: tuple[int, str]) -> None:
+    """DataError naming `path` unless ids lo..hi lie in [0, limit) (None: no ids)."""
+    n, what = limit
+    if hi is not None and hi >= n:
+        raise DataError(f"{path}: holds token id {hi} but {what} has {n} ids (0..{n - 1}); "
+                        "the shard is corrupt or was made with another tokenizer")
+    if lo is not None and lo < 0:
+        raise DataError(f"{path}: holds negative token id {lo}; the shard is corrupt")
+
+
+def check_token_range(manifest: dict[str, Any], vocab_size: int | None = None) -> None:
+    """Refuse a manifest whose recorded token ids (or special ids) do not fit below
+    `vocab_size` (the model's) and the tokenizer's vocabulary; cheap: no shard is read."""
+    limit = id_limit(manifest, vocab_size)
+    root = Path(manifest["root"])
+    for key in ("eos_id", "pad_id"):
+        v = manifest["tokenizer"].get(key)
+        if v is not None and v >= limit[0]:
+            raise DataError(f"{manifest_path(root)}: tokenizer {key} {v} is not below "
+                            f"{limit[1]} ({limit[0]})")
+    for s in manifest["shards"]:
+        check_id_range(root / s["path"], s.get("min_id"), s.get("max_id"), limit)
+
+
+def warn_unverified(manifest: dict[str, Any]) -> bool:
+    """Warn once per process per manifest whose shards carry no checksum; True if it has none."""
+    if all("checksum" in s for s in manifest["shards"]):
+        return False
+    mp = str(manifest_path(manifest["root"]))
+    if mp not in _WARNED:
+        _WARNED.add(mp)
+        warnings.warn(f"{mp}: written before shard checksums; sizes, counts and token ids are "
+                      "checked but shard contents cannot be verified (re-ingest to add "
+                      "checksums)", UnverifiedDataWarning, stacklevel=3)
+    return True
+
+
 @dataclass
 class ShardArrays:
     """A memory-mapped shard: document i is ``values[offsets[i]:offsets[i + 1]]``."""
@@ -98,9 +229,18 @@ class ShardArrays:
         return len(self.offsets) - 1
 
 
-def open_shard(path: Path, expect_docs: int | None = None,
-               expect_tokens: int | None = None) -> ShardArrays:
-    """Map a shard without copying; checks its schema and (optionally) the manifest counts."""
+def open_shard(path: Path, expect_docs: int | None = None, expect_tokens: int | None = None,
+               *, entry: dict[str, Any] | None = None, verify: bool = True,
+               limit: tuple[int, str] | None = None) -> ShardArrays:
+    """Map a shard without copying; checks its schema and (optionally) the manifest counts.
+
+    `entry`: its manifest entry: counts, and with `verify` size and checksum (verify_shard).
+    `limit`: (id bound, what it is) from id_limit; a shard whose entry records no id range
+    (an older manifest) has its ids scanned once per process instead."""
+    if entry is not None:
+        expect_docs, expect_tokens = entry["num_documents"], entry["num_tokens"]
+        if verify:
+            verify_shard(path, entry)
     if not path.is_file():
         raise DataError(f"{path}: shard is missing")
     try:
@@ -124,7 +264,19 @@ def open_shard(path: Path, expect_docs: int | None = None,
     if expect_docs is not None and (docs, tokens) != (expect_docs, expect_tokens):
         raise DataError(f"{path}: holds {docs} documents / {tokens} tokens but the manifest "
                         f"says {expect_docs} / {expect_tokens}")
+    if limit is not None and (entry is None or entry.get("max_id") is None):
+        check_id_range(path, *_scan_ids(path, values), limit)
     return ShardArrays(path, values, offsets)
+
+
+def _scan_ids(path: Path, values: np.ndarray) -> tuple[int | None, int | None]:
+    """(min, max) of a shard's ids, once per process per file version."""
+    key = _version(path, path.stat())
+    got = _SCANNED.get(key)
+    if got is None:
+        got = (int(values.min()), int(values.max())) if len(values) else (None, None)
+        _SCANNED[key] = got
+    return got
 
 
 # -- manifest -----------------------------------------------------------------------------------
@@ -150,8 +302,15 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
                         f"(this reader reads {MANIFEST_VERSION})")
     root = mp.parent
     for i, s in enumerate(m["shards"]):
-        if not (root / s["path"]).is_file():
-            raise DataError(f"{mp}: shard {i} '{s['path']}' listed in the manifest is missing")
+        p = root / s["path"]
+        try:
+            size = p.stat().st_size
+        except OSError:
+            raise DataError(f"{mp}: shard {i} '{s['path']}' listed in the manifest is missing") \
+                from None
+        if s.get("bytes") is not None and size != s["bytes"]:
+            raise DataError(f"{p}: corrupt or truncated Arrow shard ({size} bytes, the manifest "
+                            f"says {s['bytes']}); re-ingest it")
     m["root"] = str(root)
     return m
 
@@ -179,9 +338,8 @@ def make_token_dataset(out_dir: str | Path, docs: Sequence[Sequence[int]], docs_
     for k, i in enumerate(range(0, len(docs), docs_per_shard)):
         part = [np.asarray(d, dtype=dtype) for d in docs[i:i + docs_per_shard]]
         rel = f"{source}/{k:05d}-000.arrow"
-        n_tok = write_shard(out / rel, part, dtype)
-        shards.append({"path": rel, "source": source, "num_documents": len(part),
-                       "num_tokens": n_tok})
+        info = write_shard(out / rel, part, dtype)
+        shards.append({"path": rel, "source": source, "num_documents": len(part), **info})
     manifest = new_manifest("tokens", tokenizer_sha256, vocab_size, dtype, shards, {}, [], 0)
     atomic_write_json(out / MANIFEST_NAME, manifest)
     return manifest
@@ -190,7 +348,8 @@ def make_token_dataset(out_dir: str | Path, docs: Sequence[Sequence[int]], docs_
 def new_manifest(kind: str, sha: str, vocab_size: int, dtype: np.dtype | None,
                  shards: list[dict], skipped: dict[str, int], examples: list[str],
                  split_docs: int, tokenizer_path: str = "", sources: dict | None = None,
-                 eos_id: int = 3, pad_id: int = 0) -> dict[str, Any]:
+                 eos_id: int = 3, pad_id: int = 0,
+                 input_records: int | None = None) -> dict[str, Any]:
     return {
         "schema_version": MANIFEST_VERSION,
         "kind": kind,
@@ -202,6 +361,7 @@ def new_manifest(kind: str, sha: str, vocab_size: int, dtype: np.dtype | None,
         "num_tokens": sum(s.get("num_tokens", 0) for s in shards),
         "shards": shards,
         "sources": sources or {},
+        "num_input_records": input_records,
         "skipped": dict(sorted(skipped.items())),
         "skipped_examples": examples,
         "long_documents_split": split_docs,

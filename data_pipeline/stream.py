@@ -68,11 +68,16 @@ def _rows(flat: np.ndarray, B: int, T1: int) -> np.ndarray:
 class TokenStream(IterableDataset):
     def __init__(self, path: str | Path | None = None, cfg: DataConfig | None = None,
                  rank: int = 0, world_size: int = 1, epoch: int = 0, *, split: str = "train",
-                 infinite: bool = True, tokenizer: Any = None):
+                 infinite: bool = True, tokenizer: Any = None, vocab_size: int | None = None,
+                 verify: bool = True):
         """`path`: an ingested folder or manifest.json (else cfg.path / cfg.sources);
         `split`: "train" or "val" (cfg.val_path, or the val_fraction tail of each shard of
-        the train data; val is read in order, unshuffled); `tokenizer`: a Tokenizer or sha256 that the manifest
-        must match (None skips the check)."""
+        the train data; val is read in order, unshuffled); `tokenizer`: a Tokenizer or sha256
+        that the manifest must match (None skips the check); `vocab_size`: the model's
+        vocabulary: a manifest recording a larger token id is refused here, so no batch
+        carries an id >= vocab_size (the tokenizer's vocabulary bounds ids either way);
+        `verify`: check each shard's size and checksum on its first open in this process
+        (False only for benchmarks). Corruption is a DataError naming the shard."""
         cfg = cfg or DataConfig()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -81,7 +86,7 @@ class TokenStream(IterableDataset):
         self.cfg, self.rank, self.world_size, self.split = cfg, rank, world_size, split
         self.infinite, self.start_epoch = infinite, epoch
         self.shuffle = cfg.shuffle and split == "train"
-        self.sources = self._open_sources(path, tokenizer)
+        self.sources = self._open_sources(path, tokenizer, vocab_size, verify)
         self.weights = [s.weight for s in self._source_cfgs]
         self.workers = max(1, cfg.loader_workers)
         self.eos_id, self.pad_id = self.sources[0].eos_id, self.sources[0].pad_id
@@ -93,7 +98,8 @@ class TokenStream(IterableDataset):
         for w in range(self.workers):  # fail now, not in a worker, if the data is too small
             self._packer(w)
 
-    def _open_sources(self, path: str | Path | None, tokenizer: Any) -> list[Source]:
+    def _open_sources(self, path: str | Path | None, tokenizer: Any, vocab_size: int | None,
+                      verify: bool) -> list[Source]:
         """train: `path` or cfg.path / cfg.sources. val: cfg.val_path (or `path`) read whole
         when cfg.val_path is set, else the val_fraction tail of each shard of the train data."""
         cfg = self.cfg
@@ -109,7 +115,8 @@ class TokenStream(IterableDataset):
         frac = 0.0 if whole_val else cfg.val_fraction
         split = "train" if whole_val else self.split
         self._source_cfgs = cfgs
-        return [Source(c.name, c.path, split, frac, tokenizer) for c in cfgs]
+        return [Source(c.name, c.path, split, frac, tokenizer, vocab_size, verify)
+                for c in cfgs]
 
     # -- consumers --------------------------------------------------------------------------------
     def _packer(self, logical: int) -> Packer:

@@ -15,13 +15,15 @@ Input records (JSONL lines or Parquet/Arrow rows) by kind, and the table each be
 
 ``ranking[i]`` is the rank of ``responses[i]``: smaller is better, equal ranks are ties.
 Each input file becomes one shard ``<kind>/<n>.arrow`` under out_dir (a rerun keeps the
-finished ones), next to a manifest like the token manifest's (rows counted as documents). Bad records are skipped, counted by
-reason in the manifest and printed, one line each naming file and row.
+finished ones), next to a manifest like the token manifest's (rows counted as documents; each
+table's size, xxh3_64 checksum and token-id range recorded, and verified by StructuredDataset
+on its first open in a process). Bad records are skipped, counted by reason in the manifest,
+printed (the first REPORT_LINES) and all listed in out_dir/skipped.txt, one line each naming
+file and row.
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -29,11 +31,17 @@ from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
+from trellis.data_pipeline.ingest import (REPORT_LINES, SKIP_LINES, natural_key,
+                                          write_skip_report)
 from trellis.data_pipeline.inputs import Row, Skip, detect_format, expand_paths, read_rows
-from trellis.data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_json, check_tokenizer,
-                                  load_manifest, new_manifest)
+from trellis.data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write_bytes,
+                                          atomic_write_json, bytes_checksum, check_id_range,
+                                          check_token_range, check_tokenizer, file_integrity,
+                                          id_limit, load_manifest, new_manifest, verify_shard,
+                                          warn_unverified)
 from trellis.data_pipeline.tokenizer import Tokenizer
 
 KINDS = ("demonstrations", "comparisons", "prompts", "dialogue")
@@ -141,7 +149,7 @@ def ingest_structured(kind: str, inputs: Sequence[str], tokenizer: Tokenizer | s
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
     table_kind = "comparisons" if kind == "dialogue" else kind
     out = Path(out_dir)
-    shards, skipped, examples = [], Counter(), []
+    shards, skipped, lines, n_records = [], Counter(), [], 0
     for i, path in enumerate(expand_paths(list(inputs))):
         rel = f"{kind}/{i:05d}.arrow"
         done = out / f"{kind}/{i:05d}.done.json"
@@ -151,20 +159,27 @@ def ingest_structured(kind: str, inputs: Sequence[str], tokenizer: Tokenizer | s
             rec = _ingest_file(kind, table_kind, path, tok, out / rel, on_error)
             rec.update(input=str(path), tokenizer=tok.sha256)
             atomic_write_json(done, rec)  # written last: the file is finished
+        integrity = {k: rec[k] for k in ("bytes", "checksum", "min_id", "max_id") if k in rec}
+        if "checksum" not in integrity:  # finished by an older version: hash it now
+            integrity = file_integrity(out / rel, *_id_range(_read_table(out / rel)))
         shards.append({"path": rel, "source": kind, "num_documents": rec["rows"],
-                       "num_tokens": rec["tokens"]})
+                       "num_tokens": rec["tokens"], **integrity})
         skipped.update(rec["skipped"])
-        examples.extend(rec["examples"][:100 - len(examples)])
+        n_records += rec["rows"] + sum(rec["skipped"].values())
+        lines.extend(rec["examples"])
+    lines.sort(key=natural_key)
     manifest = new_manifest(table_kind, tok.sha256, tok.vocab_size, None, shards, dict(skipped),
-                            examples, 0, tok.path, {kind: {"inputs": list(inputs)}},
-                            tok.eos_id, tok.pad_id)
+                            lines[:REPORT_LINES], 0, tok.path, {kind: {"inputs": list(inputs)}},
+                            tok.eos_id, tok.pad_id, input_records=n_records)
+    write_skip_report(out, lines, sum(skipped.values()), manifest)
     atomic_write_json(out / MANIFEST_NAME, manifest)
     if verbose:
-        for line in examples:
+        for line in manifest["skipped_examples"]:
             print(f"skipped: {line}", file=sys.stderr)
         if skipped:
             print(f"ingest {out}: skipped {sum(skipped.values())} records "
-                  f"({', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))})", file=sys.stderr)
+                  f"({', '.join(f'{k}={v}' for k, v in sorted(skipped.items()))}); full list: "
+                  f"{out / manifest['skipped_report']}", file=sys.stderr)
     return manifest
 
 
@@ -184,39 +199,76 @@ def _ingest_file(kind: str, table_kind: str, path: Path, tok: Tokenizer, dest: P
         if on_error == "fail" and item.reason != "empty":
             raise DataError(item.message)
         skipped[item.reason] += 1
-        if len(examples) < 100:
+        if len(examples) < SKIP_LINES:
             examples.append(item.message)
-    _write_table(dest, pa.Table.from_pylist(rows, schema=SCHEMAS[table_kind]))
+    table = pa.Table.from_pylist(rows, schema=SCHEMAS[table_kind])
+    size, checksum = _write_table(dest, table)
+    lo, hi = _id_range(table)
     tokens = sum(len(r["prompt_ids"]) + len(r.get("response_ids", ())) +
                  sum(len(x) for x in r.get("responses_ids", ())) for r in rows)
-    return {"rows": len(rows), "tokens": tokens, "skipped": dict(skipped), "examples": examples}
+    return {"rows": len(rows), "tokens": tokens, "bytes": size, "checksum": checksum,
+            "min_id": lo, "max_id": hi, "skipped": dict(skipped), "examples": examples}
 
 
-def _write_table(path: Path, table: pa.Table) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
+def _write_table(path: Path, table: pa.Table) -> tuple[int, str]:
+    """Write `table` as an Arrow IPC file atomically; returns (bytes, checksum)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
-    os.replace(tmp, path)
+    buf = sink.getvalue()
+    atomic_write_bytes(path, buf)
+    return buf.size, bytes_checksum(buf)
+
+
+def _read_table(path: Path) -> pa.Table:
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: corrupt or truncated Arrow table ({e})") from None
+
+
+def _id_range(table: pa.Table) -> tuple[int | None, int | None]:
+    """Smallest and largest token id in a table's *_ids columns (None, None when empty)."""
+    lo = hi = None
+    for name in ("prompt_ids", "response_ids", "responses_ids"):
+        if name not in table.column_names:
+            continue
+        col = table.column(name)
+        while pa.types.is_list(col.type):
+            col = pc.list_flatten(col)
+        mm = pc.min_max(col).as_py()
+        if mm["min"] is not None:
+            lo = mm["min"] if lo is None else min(lo, mm["min"])
+            hi = mm["max"] if hi is None else max(hi, mm["max"])
+    return lo, hi
 
 
 class StructuredDataset(torch.utils.data.Dataset):
     """Rows of an ingested structured table (memory-mapped), as dicts of Python values, ready
     for SFTCollator / PairCollator / PromptCollator."""
 
-    def __init__(self, path: str | Path, tokenizer: Any = None):
+    def __init__(self, path: str | Path, tokenizer: Any = None, vocab_size: int | None = None,
+                 verify: bool = True):
+        """`tokenizer`: a Tokenizer or sha256 the manifest must match; `vocab_size`: the
+        model's (recorded ids must be below it and the tokenizer's vocabulary); `verify`:
+        check each table's size and checksum (once per process per file version)."""
         m = load_manifest(path)
         check_tokenizer(m, tokenizer)
         if m["kind"] not in SCHEMAS:
             raise DataError(f"{path}: manifest kind '{m['kind']}' is not a structured table")
+        check_token_range(m, vocab_size)
+        if verify:
+            warn_unverified(m)
+        limit = id_limit(m, vocab_size)
         self.kind, self.manifest = m["kind"], m
         tables = []
         for s in m["shards"]:
             p = Path(m["root"]) / s["path"]
-            try:
-                tables.append(pa.ipc.open_file(pa.memory_map(str(p))).read_all())
-            except (pa.ArrowException, OSError) as e:
-                raise DataError(f"{p}: corrupt or truncated Arrow table ({e})") from None
+            if verify:
+                verify_shard(p, s)
+            tables.append(_read_table(p))
+            if s.get("max_id") is None:  # an older manifest: no recorded range, so scan
+                check_id_range(p, *_id_range(tables[-1]), limit)
         self.table = pa.concat_tables(tables) if tables else SCHEMAS[self.kind].empty_table()
 
     def __len__(self) -> int:

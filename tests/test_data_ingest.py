@@ -122,13 +122,18 @@ def test_trellis_ingest_command(tmp_path, tok, capsys):
     rc = trellis(["ingest", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"),
                   "--tokenizer", tok.path, "--processes", "1"])
     err = capsys.readouterr()
-    assert rc == 0 and "ingested 1 documents" in err.out
+    # a skipped record fails the command (after the report) unless --max-skipped allows it
+    assert rc == 1 and "ingested 1 documents" in err.out
     assert "in.jsonl:3: invalid JSON" in err.err and "bad_json=1" in err.err
+    assert "trellis ingest: error: skipped 1 of 3 input records" in err.err
     m = load_manifest(tmp_path / "o")
     assert m["skipped"] == {"bad_json": 1, "empty": 1}
+    rc = trellis(["ingest", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o"),
+                  "--tokenizer", tok.path, "--processes", "1", "--max-skipped", "0.34"])
+    assert rc == 0
     rc = trellis(["ingest", str(tmp_path / "nothing*.txt"), "--out", str(tmp_path / "o2"),
                   "--tokenizer", tok.path])
-    assert rc == 1 and "nothing*.txt: no such file" in capsys.readouterr().err
+    assert rc == 2 and "nothing*.txt: no such file" in capsys.readouterr().err
     # no inputs: the default corpus, with a tokenizer trained into the output folder
     rc = trellis(["ingest", "--out", str(tmp_path / "dflt"), "--set", "tokenizer.vocab_size=800"])
     assert rc == 0 and (tmp_path / "dflt" / "tokenizer.model").is_file()

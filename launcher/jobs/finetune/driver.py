@@ -70,12 +70,13 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
     train = prepare_rows(cfg.data.train, kind, tok, run_dir / "data" / "train")
     val = prepare_rows(cfg.data.val, kind, tok, run_dir / "data" / "val") if cfg.data.val else None
     train_rows = val_rows = None
-    n_train = len(StructuredDataset(train, tok.sha256))  # fails now on a mismatched tokenizer
+    vocab = read_meta(init)["model"]["vocab_size"]  # no row may carry an id the model lacks
+    n_train = len(StructuredDataset(train, tok.sha256, vocab))  # fails now on a bad table
     if val is None:
         train_rows, val_rows = split_rows(n_train, cfg.data.val_fraction, cfg.data.seed)
         n_train, n_val = len(train_rows), len(val_rows)
     else:
-        n_val = len(StructuredDataset(val, tok.sha256))
+        n_val = len(StructuredDataset(val, tok.sha256, vocab))
     check_split_sizes(cfg, n_train, n_val, val_given=val is not None)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     write_run_model(run_dir, read_meta(init)["model"], head)

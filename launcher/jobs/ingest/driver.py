@@ -8,6 +8,12 @@
 
 Positional inputs form one source named "default" (use a config for several named
 sources). Rerunning the same command resumes: finished shards are kept.
+
+Exit status: 0 when every input record was ingested (blank records and long_docs=skip
+aside); 1 when nothing was written, a whole input file was skipped, more than
+--max-skipped of the records were skipped (after printing them; all are listed in
+OUT/skipped.txt and the manifest is written), or the data or tokenizer failed; 2 for a
+bad command line or config (an input path that matches nothing, a missing --tokenizer file).
 """
 from __future__ import annotations
 
@@ -35,11 +41,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray", action="store_true", help="run tasks on the attached Ray cluster")
     p.add_argument("--fail-on-error", action="store_true",
                    help="abort at the first bad record instead of skipping and counting")
+    p.add_argument("--max-skipped", type=_fraction, metavar="FRACTION",
+                   help="fraction of input records that may be skipped before the command "
+                        "exits 1 (default 0: any skipped record fails, after the full report; "
+                        "blank records and long_docs=skip are not counted; a whole skipped "
+                        "file fails unless FRACTION is 1)")
+
+
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return v
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     sets = list(args.overrides)
     for flag, key in (("out", "out_dir"), ("tokenizer", "tokenizer.path"), ("kind", "kind"),
+                      ("max_skipped", "max_skipped"),
                       ("shard_tokens", "shard_tokens"), ("processes", "processes")):
         value = getattr(args, flag)
         if value is not None:
@@ -67,12 +89,38 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def check_config(cfg: Any) -> None:
+    """ConfigError (exit 2) for what the user named but is not there: input paths that match
+    nothing, a tokenizer file that does not exist, a structured kind without tokenizer or
+    inputs."""
+    from pathlib import Path
+
+    from trellis.data_pipeline.inputs import expand_paths
+    from trellis.data_pipeline.shards import DataError
+    from trellis.data_pipeline.tokenizer import TOKENIZER_FILE
+
+    for src in cfg.sources:
+        try:
+            expand_paths(src.paths)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_file():
+        raise ConfigError(f"config key 'tokenizer.path': {cfg.tokenizer.path}: no such file")
+    if cfg.kind != "tokens":
+        if not cfg.sources:
+            raise ConfigError(f"ingest of {cfg.kind}: give input files (sources)")
+        if not cfg.tokenizer.path and not (Path(cfg.out_dir) / TOKENIZER_FILE).is_file():
+            raise ConfigError(f"ingest of {cfg.kind}: give --tokenizer (tokenizer.path), the "
+                              "model's tokenizer")
+
+
 def run(args: argparse.Namespace) -> int:
-    from trellis.data_pipeline.ingest_job import ingest_from_config
+    from trellis.data_pipeline.ingest_job import ingest_failure, ingest_from_config
     from trellis.data_pipeline.shards import DataError
     from trellis.data_pipeline.tokenizer import TokenizerError
 
     cfg = config_from_args(args)
+    check_config(cfg)
     if cfg.backend == "ray":
         import ray
         ray.init(address="auto", ignore_reinit_error=True)
@@ -85,4 +133,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"ingested {m['num_documents']} {'documents' if m['kind'] == 'tokens' else 'rows'}, "
           f"{m['num_tokens']} tokens in {len(m['shards'])} shards -> {cfg.out_dir}/manifest.json"
           f" (skipped {skipped})")
+    failure = ingest_failure(m, cfg.max_skipped, cfg.out_dir)
+    if failure:
+        print(f"trellis ingest: error: {failure}", file=sys.stderr)
+        return 1
     return 0

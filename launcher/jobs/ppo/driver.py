@@ -143,14 +143,16 @@ def prepare(cfg: PPOJobConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     weights = _weights(cfg, run_dir)
     tok = _tokenizer(weights)
-    max_seq = read_meta(weights["actor"])["model"]["max_seq_len"]
+    actor = read_meta(weights["actor"])["model"]
+    max_seq, vocab = actor["max_seq_len"], actor["vocab_size"]
     prompts = StructuredDataset(prepare_rows(cfg.prompts, "prompts", tok,
-                                             run_dir / "data" / "prompts"))
+                                             run_dir / "data" / "prompts"), tok.sha256, vocab)
     check_prompts(prompts, cfg, max_seq, cfg.prompts)
     eval_ds = None
     if cfg.eval_prompts:
         eval_ds = StructuredDataset(prepare_rows(cfg.eval_prompts, "prompts", tok,
-                                                 run_dir / "data" / "eval_prompts"))
+                                                 run_dir / "data" / "eval_prompts"),
+                                    tok.sha256, vocab)
         check_prompts(eval_ds, cfg, max_seq, cfg.eval_prompts)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     copy_tokenizer(tok.path, run_dir)

@@ -10,14 +10,15 @@ import torch
 
 from trellis.data_pipeline.collate import MLMCollator, clm_collate
 from trellis.data_pipeline.loader import batches
+from trellis.data_pipeline.shards import DataError
 from trellis.data_pipeline.stream import TokenStream
 from trellis.launcher.config_loader import from_dict
-from trellis.parallel.engine_worker import EngineWorker
 from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
 from trellis.model.build import build_model
 from trellis.model.generate import GenerationConfig, generate
 from trellis.model.losses import distillation_loss, token_cross_entropy
 from trellis.parallel import dist
+from trellis.parallel.engine_worker import EngineWorker
 from trellis.parallel.rng import seed_all
 
 
@@ -34,8 +35,12 @@ class PretrainWorker(EngineWorker):
         self._setup(rank, world_size, model, c.parallel, c.optim, c.train.steps, run_dir,
                     c.data.seq_len, c.checkpoint.keep_last)
         # The manifest must have been made by the tokenizer this job uses.
+        # ... and hold no token id the model's embedding lacks (checked against the manifest;
+        # each shard's checksum is verified on its first open in this process).
+        self.vocab_size = self.teacher_cfg.vocab_size if self.teacher is not None \
+            else c.model.vocab_size
         self.stream = TokenStream(data_dir, c.data, rank=rank, world_size=world_size,
-                                  tokenizer=tokenizer_sha256)
+                                  tokenizer=tokenizer_sha256, vocab_size=self.vocab_size)
         self.val_dir, self.tokenizer_sha256 = val_dir, tokenizer_sha256
         # Dynamic masking: the mask is a function of (seed, epoch, consumer, step) that the
         # stream's batches carry, so it is fresh every epoch and identical after a resume.
@@ -94,27 +99,38 @@ class PretrainWorker(EngineWorker):
         self.stream.load_state_dict(state)
         self._open_batches()
 
+    def _val_blocks(self):
+        """This rank's held-out micro-batches (the same blocks at every evaluation)."""
+        stream = TokenStream(self.val_dir, self.cfg.data, rank=self.rank, world_size=self.world,
+                             split="val", infinite=False, tokenizer=self.tokenizer_sha256,
+                             vocab_size=self.vocab_size)
+        return itertools.islice(stream.iter_batches(self.plan.micro_batch),
+                                self.cfg.train.eval_batches)
+
+    def validate(self) -> None:
+        """Every rank has at least one held-out batch (checked before the first step)."""
+        if not self.val_dir:
+            return
+        has = next(iter(self._val_blocks()), None) is not None
+        if dist.all_reduce_mean(float(not has)) > 0:
+            raise DataError(f"validation split of '{self.val_dir}' is too small for one batch "
+                            f"of {self.plan.micro_batch} x {self.cfg.data.seq_len} tokens on "
+                            f"each of {self.world} ranks (data.val_fraction, data.val_path)")
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the first eval_batches micro-batches of this rank's validation split."""
         if not self.val_dir:
             return {}
-        c = self.cfg
         # The same held-out blocks and (for MLM) the same masks at every evaluation.
-        stream = TokenStream(self.val_dir, c.data, rank=self.rank, world_size=self.world,
-                             split="val", infinite=False, tokenizer=self.tokenizer_sha256)
         self.engine.eval()
         total, n = 0.0, 0
-        for batch in itertools.islice(stream.iter_batches(self.plan.micro_batch),
-                                      c.train.eval_batches):
+        for batch in self._val_blocks():
             batch = self.mlm(batch) if self.mlm is not None else clm_collate(batch)
             ids, mask = batch["input_ids"].to(self.engine.device), batch["attention_mask"]
             logits = self.engine.forward(ids, attention_mask=mask.to(ids.device))
             total += token_cross_entropy(logits, batch["labels"].to(ids.device)).item()
             n += 1
-        if dist.all_reduce_mean(float(n == 0)) > 0:
-            raise ValueError(f"validation split of '{self.val_dir}' is too small for one batch "
-                             f"of {self.plan.micro_batch} x {c.data.seq_len} tokens per rank")
         loss = dist.all_reduce_mean(total / n)
         return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
 
