@@ -241,12 +241,3 @@ def _name(p) -> str:
         return p.name()
     except Exception:
         return ""
-
-
-def listening_sockets(procs: list) -> list[tuple[str, int, int]]:
-    """(ip, port, pid) of every TCP socket the given processes listen on."""
-    import psutil
-
-    pids = {p.pid for p in procs}
-    return [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN and c.pid in pids]

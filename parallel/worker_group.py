@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from typing import Any, Sequence
 
 from trellis.parallel import dist
@@ -35,6 +36,17 @@ class WorkerDied(RuntimeError):
         self.role, self.rank, self.cause = role, rank, cause
         why = f": {type(cause).__name__}" if cause is not None else ""
         super().__init__(f"worker {role}/rank{rank} died{why}")
+
+
+def _worker_error(e: Any, where: str) -> BaseException:
+    """The exception a worker raised, as itself (a DataError stays a DataError, so the CLI
+    can print its one line); the remote traceback rides along as a note for --debug."""
+    cause = getattr(e, "cause", None)
+    if not isinstance(cause, Exception):
+        return e
+    if hasattr(cause, "add_note"):
+        cause.add_note(f"raised in worker {where}:\n{getattr(e, 'traceback_str', '')}")
+    return cause
 
 
 def resolve_class(spec: type | str) -> type:
@@ -93,10 +105,20 @@ class _Worker:
         return f"{self.role}/rank{self.rank}"
 
     def rendezvous(self) -> tuple[str, int]:
-        """Rank 0: this node's address and a free port on it."""
+        """Rank 0: where the others meet it: 127.0.0.1 when every rank's bundle is on this
+        node (the group's sockets then stay on loopback), else this node's address; and a
+        port there, bound and listening from now on and handed to the store by setup."""
         import ray
-        ip = ray.util.get_node_ip_address()
-        return ip, dist.free_port(ip)
+        import ray.util
+        here = ray.get_runtime_context().get_node_id()
+        pg = ray.util.get_current_placement_group()
+        if pg is None:
+            nodes = {here} if self.world_size == 1 else set()
+        else:  # rank r lives in bundle r
+            where = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+            nodes = {where.get(r) for r in range(self.world_size)}
+        ip = "127.0.0.1" if nodes == {here} else ray.util.get_node_ip_address()
+        return ip, dist.reserve_rendezvous(ip)
 
     def setup(self, addr: str, port: int, backend: str, worker_cls: type | str,
               kwargs: dict[str, Any]) -> int:
@@ -193,12 +215,18 @@ class WorkerGroup:
                      **kwargs: Any) -> list[Any]:
         return self.get(self.call_scatter_async(method, per_rank_args, *args, **kwargs))
 
+    # A rank that dies mid-collective makes its peers fail too ("connection reset by peer"),
+    # and their errors may arrive first: before reporting a worker's error, wait this long
+    # for a death among the other ranks, which wins (and is recoverable).
+    DEATH_GRACE_S = 30.0
+
     def get(self, refs: Sequence[Any], ranks: Sequence[int] | None = None,
             timeout_s: float | None = None) -> list[Any]:
         """Results of refs (by rank). Raises WorkerDied for the first dead rank found and the
-        worker's own exception for the first failed call, without waiting for the rest."""
+        worker's own exception for the first failed call (unless another rank turns out to be
+        dead within DEATH_GRACE_S), without waiting for the rest."""
         import ray
-        from ray.exceptions import RayActorError
+        from ray.exceptions import RayActorError, RayTaskError
         ranks = list(range(len(refs))) if ranks is None else list(ranks)
         pending = dict(zip(refs, range(len(refs))))
         results: list[Any] = [None] * len(refs)
@@ -214,7 +242,29 @@ class WorkerGroup:
                     results[i] = ray.get(ref)
                 except RayActorError as e:  # includes ActorDiedError / ActorUnavailableError
                     raise WorkerDied(self.role, ranks[i], e) from e
+                except RayTaskError as e:
+                    died = self._death_among(pending, ranks)
+                    if died is not None:
+                        raise died from None
+                    raise _worker_error(e, f"{self.role}/rank{ranks[i]}") from None
         return results
+
+    def _death_among(self, pending: dict[Any, int], ranks: list[int]) -> WorkerDied | None:
+        """WorkerDied for a rank among `pending` that turns out dead within DEATH_GRACE_S."""
+        import ray
+        from ray.exceptions import RayActorError
+        deadline = time.monotonic() + self.DEATH_GRACE_S
+        while pending and (left := deadline - time.monotonic()) > 0:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
+            for ref in ready:
+                i = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except RayActorError as e:
+                    return WorkerDied(self.role, ranks[i], e)
+                except Exception:  # another rank's error: keep looking for a death
+                    pass
+        return None
 
     # ---- inspection and lifecycle --------------------------------------------------------
     @property
@@ -262,7 +312,7 @@ class LocalGroup:
         if par.num_workers != 1:
             raise ValueError(f"LocalGroup runs one rank; num_workers is {par.num_workers}")
         self.role, self.world_size = role, 1
-        dist.init_distributed(0, 1, "127.0.0.1", dist.free_port(), par.backend)
+        dist.init_distributed(0, 1, "127.0.0.1", None, par.backend)  # binds port 0: no race
         self._obj: Any = resolve_class(worker_cls)(0, 1, **(worker_kwargs or {}))
 
     def _target(self) -> Any:

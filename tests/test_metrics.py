@@ -103,14 +103,23 @@ def test_csv_resume_appends_under_existing_header(tmp_path):
 
 
 def test_linger_waits_for_one_final_scrape(tmp_path):
-    m = MetricsLogger(tmp_path, MetricsConfig(linger_s=20))
+    """close() returns once a scrape has read the final values, not at linger_s: linger_s is
+    far beyond the test's deadline, so close() can only have returned because of a scrape."""
+    m = MetricsLogger(tmp_path, MetricsConfig(linger_s=3600))
     m.log(7, {"loss": 0.5})
-    seen = {}
-    threading.Timer(0.3, lambda: seen.update(scrape(m.address))).start()
-    t0 = time.monotonic()
-    m.close()
-    assert time.monotonic() - t0 < 5  # returned after the scrape, not after 20 s
-    assert any(n == "trellis_train_loss" and v == 0.5 for (n, _), v in seen.items())
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (m.close(), closed.set()), daemon=True)
+    closer.start()
+    assert not closed.wait(0.5)  # nobody has scraped: close() keeps serving
+    seen, deadline = {}, time.monotonic() + 120
+    while not closed.is_set() and time.monotonic() < deadline:
+        try:  # the scrape close() waits for (repeated: one may land before close() looks)
+            seen.update(scrape(m.address))
+        except OSError:  # closed meanwhile
+            break
+        closed.wait(0.2)
+    assert closed.wait(max(0.0, deadline - time.monotonic())), "close() ignored the scrapes"
+    assert seen[("trellis_train_loss", frozenset(m.labels.items()))] == 0.5
 
 
 def test_metrics_config_validation():
@@ -120,6 +129,7 @@ def test_metrics_config_validation():
 
 
 def _run_progress(env_extra: dict) -> str:
+    """12 updates at least 0.05 s apart (sleep only ever makes them later)."""
     code = ("import time\nfrom trellis.launcher.progress import progress\n"
             "with progress(12, 'train', 'step') as bar:\n"
             "    for i in range(12):\n"
@@ -134,10 +144,19 @@ def _run_progress(env_extra: dict) -> str:
 def test_progress_in_logs_is_lines_with_rate_and_eta():
     err = _run_progress({})
     lines = err.splitlines()
-    assert "\r" not in err and 2 <= len(lines) <= 8  # timed lines, not one per update
+    # The 12 updates span at least 0.6 s, so 0.2 s apart lines appear during the run too.
+    assert "\r" not in err and len(lines) >= 3, lines
     assert lines[-1].startswith("train: 100%") and "12/12" in lines[-1]
     assert "step/s" in lines[-1] and "loss=1" in lines[-1]
     assert any("<" in ln for ln in lines)  # elapsed<remaining (the ETA)
+
+
+def test_progress_lines_are_timed_not_one_per_update():
+    """With an interval longer than any run, 12 updates (and postfix changes) give only the
+    opening and the final line, however slow the machine."""
+    lines = _run_progress({"TRELLIS_PROGRESS_INTERVAL": "3600"}).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("train:   0%") and lines[-1].startswith("train: 100%"), lines
 
 
 def test_progress_can_be_turned_off():

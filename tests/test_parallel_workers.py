@@ -5,6 +5,7 @@ ZeRO tests, plus short-lived groups for the 1-rank, Echo and crash cases.
 """
 import os
 import sys
+import threading
 import time
 
 import pytest
@@ -22,6 +23,9 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.integration
 
 VOCAB, SEQ, GLOBAL_BATCH = 64, 16, 8
+# Deadline for an event that should come within seconds (a death noticed, a start given up):
+# generous on any machine, and well below the process group's 600 s collective timeout.
+EVENT_DEADLINE_S = 300
 
 
 class TinyLM(nn.Module):
@@ -231,11 +235,12 @@ def test_group_identity_and_death_detection():
         with pytest.raises(KeyError, match="no such thing on rank"):
             group.call("fail")  # a worker's own exception keeps its type
         group.kill_rank(1)
-        t0 = time.perf_counter()
+        # Rank 0 blocks in the collective; rank 1 is gone. The death must be reported, not
+        # the collective's own timeout (600 s): a deadline well under it only fails when
+        # WorkerDied never comes (TimeoutError), however slow the machine.
         with pytest.raises(WorkerDied) as err:
-            group.call("all_reduce", 1.0)  # rank 0 blocks in the collective; rank 1 is gone
+            group.get(group.call_async("all_reduce", 1.0), timeout_s=EVENT_DEADLINE_S)
         assert (err.value.role, err.value.rank) == ("echo", 1)
-        assert time.perf_counter() - t0 < 30
 
 
 def test_rank_dying_mid_checkpoint_keeps_previous_complete(tmp_path):
@@ -254,9 +259,21 @@ def test_rank_dying_mid_checkpoint_keeps_previous_complete(tmp_path):
 
 
 def test_unplaceable_group_fails_with_resources_in_message():
-    t0 = time.perf_counter()
+    """start_timeout_s is honoured: the constructor gives up instead of waiting forever (run
+    in a thread, so a constructor that never returns fails the test at the deadline)."""
+    outcome: dict = {}
+
+    def build():
+        try:
+            WorkerGroup(Echo, ParallelConfig(num_workers=2, cpus_per_worker=3.0), role="huge",
+                        start_timeout_s=2)
+        except BaseException as e:  # noqa: BLE001 -- handed to the test thread
+            outcome["error"] = e
+
+    worker = threading.Thread(target=build, daemon=True)
+    worker.start()
+    worker.join(EVENT_DEADLINE_S)
+    assert not worker.is_alive(), f"WorkerGroup did not give up within {EVENT_DEADLINE_S} s"
     with pytest.raises(RuntimeError, match=r"group 'huge': placement group of 2 x \{'CPU': 3\.0\}"):
-        WorkerGroup(Echo, ParallelConfig(num_workers=2, cpus_per_worker=3.0), role="huge",
-                    start_timeout_s=2)
-    assert time.perf_counter() - t0 < 20
+        raise outcome.get("error") or AssertionError("the unplaceable group was created")
     assert not [a for a in ray.util.list_named_actors() if a.startswith("huge/")]
