@@ -97,7 +97,8 @@ def run_loop(open_session: Callable[[bool], Session], loop: LoopConfig, ckpt: Ch
                                      f"(the latest complete checkpoint is kept)") from None
                 if failures > loop.max_failures:
                     raise SystemExit(f"trellis {name}: {e}; gave up after {failures - 1} "
-                                     f"recoveries (train.max_failures={loop.max_failures})") from None
+                                     f"recoveries (train.max_failures={loop.max_failures}; raise it with "
+                                     f"--max-failures N)") from None
                 print(f"trellis {name}: {e}; restarting every worker group from the latest "
                       f"complete checkpoint (recovery {failures}/{loop.max_failures})", flush=True)
             finally:

@@ -29,9 +29,11 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
         if path is None:
             raise ConfigError(f"run dir '{run_dir}' has no complete checkpoint")
         return path
-    path = checkpoint.step_dir(run_dir, step)
-    checkpoint.read_marker(path)  # raises, naming the path, when incomplete or missing
-    return path
+    if not checkpoint.is_complete(run_dir, step):
+        done = [s for s, _ in checkpoint.list_complete(run_dir)]
+        raise ConfigError(f"run dir '{run_dir}' has no complete checkpoint of step {step} "
+                          f"(complete: {', '.join(map(str, done)) or 'none'})")
+    return checkpoint.step_dir(run_dir, step)
 
 
 def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
