@@ -164,7 +164,7 @@ class ActorWorker(_RoleWorker):
             if self.ptx is not None:
                 lm = self._ptx_loss()
                 loss = loss + ptx_loss(lm, self.ppo.ptx_coef)
-                s["ptx_loss"] = float(lm)
+                s["ptx_loss"] = float(lm.detach())
             return loss, s
         stats = self._ppo_epochs(exp_rb, iteration, 0, minibatch_loss)
         return {f"actor/{k}": v for k, v in stats.items()}
