@@ -160,7 +160,10 @@ class WorkerGroup:
         self._actors: list[Any] = []
         try:
             self._place(ray, bundle, start_timeout_s)
-            self._start(worker_cls, par, worker_kwargs or {}, env, start_timeout_s)
+            # Building the engines may take long on a busy machine: a separate, generous
+            # bound (a dead actor is still reported at once, as WorkerDied).
+            self._start(worker_cls, par, worker_kwargs or {}, env, max(start_timeout_s,
+                                                                    self.SETUP_TIMEOUT_S))
         except BaseException:
             self.shutdown()
             raise
@@ -214,6 +217,9 @@ class WorkerGroup:
     def call_scatter(self, method: str, per_rank_args: Sequence[Any], *args: Any,
                      **kwargs: Any) -> list[Any]:
         return self.get(self.call_scatter_async(method, per_rank_args, *args, **kwargs))
+
+    SETUP_TIMEOUT_S = 1800.0
+    """How long the ranks may take to rendezvous and build their worker objects."""
 
     # A rank that dies mid-collective makes its peers fail too ("connection reset by peer"),
     # and their errors may arrive first: before reporting a worker's error, wait this long

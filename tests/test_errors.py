@@ -81,7 +81,7 @@ def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint(tmp_path):
     env = {**os.environ, "TRELLIS_PROGRESS": "0"}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 600
+    deadline = time.time() + 3600
     while _rows(run / "metrics" / "train.csv") < 3 and proc.poll() is None \
             and time.time() < deadline:
         time.sleep(0.1)
