@@ -186,6 +186,8 @@ class GroupSession:
         self.cfg, self.spec, self.run_dir, self.resume = cfg, spec, run_dir, resume
         self.metrics = metrics
         self.name = spec.role
+        # Peak FLOPs of this device kind, looked up once (MFU on every logged step).
+        self.peak = peak_flops(current_device_name(), cfg.parallel.precision)
         self.group = make_group(cfg, spec, local, address)
 
     def start(self) -> int:
@@ -201,9 +203,8 @@ class GroupSession:
         out = self.group.call("train_step")[0]
         tps = out["tokens"] / max(out["step_time"], 1e-9)
         row = {k: v for k, v in out.items() if k != "tokens"} | {"tokens_per_second": tps}
-        peak = peak_flops(current_device_name(), self.cfg.parallel.precision)
-        if peak and self.spec.flops_per_token:
-            row["mfu"] = self.spec.flops_per_token * tps / (peak * self.cfg.parallel.num_workers)
+        if self.peak and self.spec.flops_per_token:
+            row["mfu"] = self.spec.flops_per_token * tps / (self.peak * self.cfg.parallel.num_workers)
         return row, {}
 
     def describe(self, step: int, row: dict[str, float]) -> str:

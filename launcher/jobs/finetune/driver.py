@@ -70,7 +70,8 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
     train = prepare_rows(cfg.data.train, kind, tok, run_dir / "data" / "train")
     val = prepare_rows(cfg.data.val, kind, tok, run_dir / "data" / "val") if cfg.data.val else None
     train_rows = val_rows = None
-    vocab = read_meta(init)["model"]["vocab_size"]  # no row may carry an id the model lacks
+    model_meta = read_meta(init)["model"]
+    vocab = model_meta["vocab_size"]  # no row may carry an id the model lacks
     n_train = len(StructuredDataset(train, tok.sha256, vocab))  # fails now on a bad table
     if val is None:
         train_rows, val_rows = split_rows(n_train, cfg.data.val_fraction, cfg.data.seed)
@@ -79,7 +80,7 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
         n_val = len(StructuredDataset(val, tok.sha256, vocab))
     check_split_sizes(cfg, n_train, n_val, val_given=val is not None)
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    write_run_model(run_dir, read_meta(init)["model"], head)
+    write_run_model(run_dir, model_meta, head)
     return run_dir, {"cfg": dataclasses.asdict(cfg), "init_dir": str(init),
                      "train_dir": str(train), "val_dir": str(val) if val else None,
                      "train_rows": train_rows, "val_rows": val_rows, "run_dir": str(run_dir)}
