@@ -39,6 +39,7 @@ setup(
         "tqdm>=4.60",
         "xxhash>=3",
         "matplotlib>=3.7",
+        "sacrebleu>=2.4,<3",
     ],
     extras_require={"test": ["pytest>=8", "transformers>=4.40", "accelerate>=0.30"]},
     entry_points={"console_scripts": ["trellis=trellis.launcher.cli:main"]},

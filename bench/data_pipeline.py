@@ -64,10 +64,10 @@ def raw_read(root: Path, widen: bool) -> tuple[int, float]:
     return n, time.process_time() - t0
 
 
-def stream_read(root: Path, total: int, B: int, T: int = 1024,
-                verify: bool = True) -> tuple[int, float]:
-    s = TokenStream(root, DataConfig(seq_len=T, shuffle_buffer=1024, seed=0), verify=verify,
-                    vocab_size=32_000)
+def stream_read(root: Path, total: int, B: int, T: int = 1024, verify: bool = True,
+                order: str = "sequential") -> tuple[int, float]:
+    s = TokenStream(root, DataConfig(seq_len=T, shuffle_buffer=1024, seed=0, order=order),
+                    verify=verify, vocab_size=32_000)
     it = s.iter_batches(B)
     t0, n = time.process_time(), 0
     while n < total:
@@ -150,16 +150,20 @@ def _stream_rates(root: Path) -> None:
                      ("raw mmap -> int64", lambda: raw_read(root, True)),
                      ("TokenStream packed 8x1024", lambda: stream_read(root, m["num_tokens"], 8)),
                      ("TokenStream packed 32x1024",
-                      lambda: stream_read(root, m["num_tokens"], 32))):
+                      lambda: stream_read(root, m["num_tokens"], 32)),
+                     ("TokenStream shuffled 8x1024",  # data.order shuffled (the default)
+                      lambda: stream_read(root, m["num_tokens"], 8, order="shuffled")),
+                     ("TokenStream shuffled 32x1024",
+                      lambda: stream_read(root, m["num_tokens"], 32, order="shuffled"))):
         rates = []
         for _ in range(3):
             n, dt = fn()
             rates.append(n / dt)
         best[name] = max(rates)
         print(f"  {name:28s} {best[name] / 1e6:9.1f} M tokens/s (best of 3)")
-    for b in (8, 32):
-        s = best[f"TokenStream packed {b}x1024"]
-        print(f"  B={b}: stream / raw uint16 copy = {s / best['raw mmap copy (uint16)']:.2f}; "
+    for b, kind in ((8, "packed"), (32, "packed"), (8, "shuffled"), (32, "shuffled")):
+        s = best[f"TokenStream {kind} {b}x1024"]
+        print(f"  {kind} B={b}: stream / raw uint16 copy = {s / best['raw mmap copy (uint16)']:.2f}; "
               f"stream / raw int64 = {s / best['raw mmap -> int64']:.2f} "
               f"(goal >= 200M tokens/s and >= 0.25)")
     print(f"  (Python yardstick: min(a, b) takes {python_speed():.0f} ns here; "

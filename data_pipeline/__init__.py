@@ -9,6 +9,7 @@ collators, rollout batches. Names are imported lazily so `import data_pipeline` 
     ingest.py      ingest(): parallel, resumable tokenization into shards
     ingest_job.py  ingest_from_config(): what `trellis ingest` runs
     packing.py     epoch order, rank/worker dealing, packing engine
+    samples.py     sample-level shuffling: per-epoch global index of fixed-length samples
     stream.py      TokenStream: the per-rank streaming reader with exact resume (also
                    through DataLoader workers: worker_batches / record_delivered)
     loader.py      batches(): micro-batches, in-process or from DataLoader worker processes

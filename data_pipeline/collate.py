@@ -128,6 +128,29 @@ class SFTCollator:
                 "attention_mask": (t < lens[:, None]).long()}
 
 
+class ScoreCollator:
+    """{prompt_ids, response_ids} -> what a reward model scores: prompt + response + EOS,
+    right-padded, nothing dropped (SFTCollator's input_ids lose the last column, its
+    target), so the score is read at each row's EOS exactly as in training (PairCollator).
+    Returns input_ids/attention_mask (N, L) and last_index (N,)."""
+
+    def __init__(self, max_len: int = 512, max_prompt_len: int | None = None, pad_id: int = PAD_ID):
+        self.max_len, self.pad_id = max_len, pad_id
+        self.max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = []
+        for r in rows:
+            p, resp = _fit(r["prompt_ids"], r["response_ids"], self.max_len - 1,
+                           self.max_prompt_len)
+            seqs.append(p + resp)
+        ids = _pad_right(seqs, self.pad_id)
+        lens = torch.tensor([len(s) for s in seqs])
+        return {"input_ids": ids,
+                "attention_mask": (torch.arange(ids.shape[1])[None, :] < lens[:, None]).long(),
+                "last_index": lens - 1}
+
+
 def ranking_pairs(ranking: Sequence[float]) -> list[tuple[int, int]]:
     """Every ordered pair (better, worse) of a ranking where ranking[i] is response i's rank
     (smaller is better); equal ranks are ties and make no pair."""
@@ -149,25 +172,20 @@ class PairCollator:
         self.max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs, chosen, rejected, prompt_of, weight = [], [], [], [], []
+        flat, chosen, rejected, prompt_of, weight = [], [], [], [], []
         for pi, r in enumerate(rows):
-            base = len(seqs)
-            for resp in r["responses_ids"]:
-                p, rr = _fit(r["prompt_ids"], resp, self.max_len - 1, self.max_prompt_len)
-                seqs.append(p + rr)
+            base = len(flat)
+            flat += [{"prompt_ids": r["prompt_ids"], "response_ids": resp}
+                     for resp in r["responses_ids"]]
             pairs = ranking_pairs(r["ranking"])
             for i, j in pairs:
                 chosen.append(base + i), rejected.append(base + j)
                 prompt_of.append(pi), weight.append(1.0 / len(pairs))
-        ids = _pad_right(seqs, self.pad_id)
-        lens = torch.tensor([len(s) for s in seqs])
-        return {"input_ids": ids,
-                "attention_mask": (torch.arange(ids.shape[1])[None, :] < lens[:, None]).long(),
-                "last_index": lens - 1,
-                "chosen_index": torch.tensor(chosen, dtype=torch.long),
-                "rejected_index": torch.tensor(rejected, dtype=torch.long),
-                "pair_prompt": torch.tensor(prompt_of, dtype=torch.long),
-                "pair_weight": torch.tensor(weight, dtype=torch.float32)}
+        out = ScoreCollator(self.max_len, self.max_prompt_len, self.pad_id)(flat)
+        return out | {"chosen_index": torch.tensor(chosen, dtype=torch.long),
+                      "rejected_index": torch.tensor(rejected, dtype=torch.long),
+                      "pair_prompt": torch.tensor(prompt_of, dtype=torch.long),
+                      "pair_weight": torch.tensor(weight, dtype=torch.float32)}
 
 
 class PromptCollator:

@@ -36,8 +36,10 @@ class IngestConfig:
     """Named inputs; empty = the default corpus (pydoc topics + common licences)."""
     out_dir: str = "runs/data"
     """Output folder: <source>/<task>-<part>.arrow shards, manifest.json, plan.json."""
-    kind: Literal["tokens", "demonstrations", "comparisons", "prompts", "dialogue"] = "tokens"
-    """tokens: pretraining documents. The others are the structured SFT/RLHF formats."""
+    kind: Literal["tokens", "demonstrations", "comparisons", "prompts", "dialogue",
+                  "translation"] = "tokens"
+    """tokens: pretraining documents; translation: {source, target} pairs (seq2seq). The
+    others are the structured SFT/RLHF formats."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     """tokenizer.path loads a model; empty trains one on the inputs into out_dir/tokenizer.model."""
     tokenizer_sample_chars: int = field(default=50_000_000, metadata={"min": 1})
@@ -94,6 +96,12 @@ class DataConfig:
     shuffle_buffer: int = field(default=1024, metadata={"min": 0})
     """Block shuffle: documents are permuted within consecutive windows of this many documents
     of the (shuffled) shard sequence; 0 = shard order shuffled only."""
+    order: Literal["shuffled", "sequential"] = "shuffled"
+    """shuffled: each epoch, a global shuffle of fixed-length samples cut from the packed
+    documents at a random start offset (Megatron-style), so a batch's rows come from far-apart
+    places whatever the document lengths; sequential: the packed documents in order, B
+    consecutive blocks per batch (for streaming from remote storage). Applies to the packed,
+    shuffled training split; validation is always read in order."""
     packing: bool = True
     """Concatenate documents (EOS after each) and cut fixed blocks; False = one document per
     block start, padded (long documents continue over several blocks)."""

@@ -71,6 +71,7 @@ class Source:
         if self.num_docs == 0:
             raise DataError(f"{self.root}: no documents in the '{split}' split")
         self._open: dict[int, ShardArrays] = {}
+        self.cache: dict = {}  # per-process derived tables (data_pipeline.samples)
 
     def doc_spans(self, shards: np.ndarray, rows: np.ndarray) -> tuple[list, list[int], list[int]]:
         """Per document (shard values array, first token, length), vectorized per shard."""
@@ -97,7 +98,7 @@ class Source:
 
     def __getstate__(self) -> dict:  # DataLoader workers re-map shards after the fork/spawn
         d = dict(self.__dict__)
-        d["_open"] = {}
+        d["_open"], d["cache"] = {}, {}
         return d
 
 
@@ -217,6 +218,18 @@ class Cursor:
         self._win_lo, self._win_hi = p_lo, p_lo + len(rows)
 
 
+def pick_source(counts: list, weights: list[float], skip: list[bool]) -> int:
+    """Next source: the one furthest below its weight share (deterministic, exact); -1 when
+    every source is skipped or weightless."""
+    best, best_v = -1, math.inf
+    for s, (n, w) in enumerate(zip(counts, weights)):
+        if w <= 0 or skip[s]:
+            continue
+        if n / w < best_v:
+            best, best_v = s, n / w
+    return best
+
+
 class Packer:
     """Fills token buffers with one consumer's packed stream: documents from the mixed
     sources, each followed by EOS, in order."""
@@ -249,15 +262,8 @@ class Packer:
         return self.cursors[0].epoch
 
     def _select(self) -> int:
-        """Next source: the one furthest below its weight share (deterministic, exact)."""
-        best, best_v = -1, math.inf
-        for s, cur in enumerate(self.cursors):
-            if self.w[s] <= 0 or (not self.infinite and cur.exhausted()):
-                continue
-            v = self.counts[s] / self.w[s]
-            if v < best_v:
-                best, best_v = s, v
-        return best
+        return pick_source(self.counts, self.w,
+                           [not self.infinite and c.exhausted() for c in self.cursors])
 
     def _start_doc(self) -> bool:
         if len(self.cursors) == 1:  # fast path: no mixing

@@ -15,6 +15,13 @@ What it yields (``seq_len`` = T):
 Documents are packed (concatenate with EOS after each, then cut) unless ``cfg.packing`` is
 False, in which case each block starts at a document start and is padded after its EOS.
 
+Order (training split, ``cfg.shuffle`` on, packed): ``cfg.order = "shuffled"`` (default) reads
+whole samples from a per-epoch global shuffle of fixed-length samples (data_pipeline.samples),
+so a batch's B rows come from far-apart places of the corpus; ``"sequential"`` reads the
+packed stream in order (documents shuffled by data_pipeline.packing), B consecutive blocks
+per batch, each block's last id starting the next one: for streaming reads from remote
+storage. Validation, ``shuffle=False`` and unpacked blocks are always sequential.
+
 The stream is infinite by default: when a source's documents for this reader are used up it
 continues with that source's next epoch (order recomputed from seed and epoch). With
 ``infinite=False`` it stops after one epoch (of every source): validation and tests.
@@ -46,6 +53,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from trellis.data_pipeline.config import DataConfig, SourceConfig
 from trellis.data_pipeline.packing import Packer, Source
+from trellis.data_pipeline.samples import SamplePacker
 from trellis.data_pipeline.shards import DataError
 
 STATE_VERSION = 1
@@ -86,6 +94,7 @@ class TokenStream(IterableDataset):
         self.cfg, self.rank, self.world_size, self.split = cfg, rank, world_size, split
         self.infinite, self.start_epoch = infinite, epoch
         self.shuffle = cfg.shuffle and split == "train"
+        self.sampled = self.shuffle and cfg.packing and cfg.order == "shuffled"
         self.sources = self._open_sources(path, tokenizer, vocab_size, verify)
         self.weights = [s.weight for s in self._source_cfgs]
         self.workers = max(1, cfg.loader_workers)
@@ -119,8 +128,17 @@ class TokenStream(IterableDataset):
                 for c in cfgs]
 
     # -- consumers --------------------------------------------------------------------------------
-    def _packer(self, logical: int) -> Packer:
+    @property
+    def order(self) -> str:
+        """The order this stream actually reads in: 'shuffled' samples or 'sequential'."""
+        return "shuffled" if self.sampled else "sequential"
+
+    def _packer(self, logical: int) -> Packer | SamplePacker:
         c = self.rank * self.workers + logical
+        if self.sampled:
+            return SamplePacker(self.sources, self.weights, self.cfg.mix_by, c,
+                                self.world_size * self.workers, self.cfg.seed, self.cfg.seq_len,
+                                self.start_epoch, self.infinite, self._states[logical])
         return Packer(self.sources, self.weights, self.cfg.mix_by, c,
                       self.world_size * self.workers, self.cfg.seed, self.shuffle,
                       self.cfg.shuffle_buffer, self.start_epoch, self.infinite,
@@ -129,8 +147,13 @@ class TokenStream(IterableDataset):
     def _batch(self, pk: Packer, B: int) -> dict[str, Any] | None:
         """The next (B, T+1) batch of one consumer, or None when its finite epoch is over."""
         epoch, step = pk.epoch, pk.step
-        fill = self._fill_packed if self.cfg.packing else self._fill_unpacked
-        tok, valid = fill(pk, B, self.cfg.seq_len + 1)
+        if self.sampled:
+            tok, valid = pk.rows(B, self.cfg.seq_len + 1)
+        else:
+            fill = self._fill_packed if self.cfg.packing else self._fill_unpacked
+            tok, valid = fill(pk, B, self.cfg.seq_len + 1)
+        if len(valid) == 0:
+            return None
         if valid[-1] < 2:  # rows with fewer than 2 ids (end of a finite epoch) are dropped
             keep = valid >= 2
             if not keep.any():
@@ -271,7 +294,8 @@ class TokenStream(IterableDataset):
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "loader_workers": self.cfg.loader_workers, "seed": self.cfg.seed,
                 "seq_len": self.cfg.seq_len, "packing": self.cfg.packing, "split": self.split,
-                "start_epoch": self.start_epoch, "sources": self._fingerprint(),
+                "order": self.order, "start_epoch": self.start_epoch,
+                "sources": self._fingerprint(),
                 "next_worker": self._next,
                 "workers": [None if s is None else dict(s) for s in self._states]}
 
@@ -279,8 +303,9 @@ class TokenStream(IterableDataset):
         for key, mine in (("world_size", self.world_size), ("rank", self.rank),
                           ("loader_workers", self.cfg.loader_workers), ("seed", self.cfg.seed),
                           ("seq_len", self.cfg.seq_len), ("packing", self.cfg.packing),
-                          ("split", self.split)):
-            if d.get(key) != mine:
+                          ("split", self.split), ("order", self.order)):
+            # states written before data.order existed were read sequentially
+            if d.get(key, "sequential" if key == "order" else None) != mine:
                 raise DataStateError(
                     f"data state was saved with {key}={d.get(key)} but this run has {key}={mine}; "
                     f"resume with the same {key}, or start the data stream fresh")

@@ -8,6 +8,8 @@ Input records (JSONL lines or Parquet/Arrow rows) by kind, and the table each be
                                                        responses_ids  (chosen/rejected become
                                                        responses [chosen, rejected], ranking [0, 1])
 * prompts         {prompt}                          -> prompt, prompt_ids
+* translation     {source, target}                  -> source, target, source_ids, target_ids,
+                                                       where (file:line, for errors at training)
 * dialogue        {chosen, rejected}: two whole conversations, as text with "\\n\\nHuman:" /
                   "\\n\\nAssistant:" turns (Anthropic HH) or as [{role, content}] lists; the
                   prompt is the shared prefix up to and including the last assistant marker,
@@ -44,7 +46,7 @@ from trellis.data_pipeline.shards import (MANIFEST_NAME, DataError, atomic_write
                                           warn_unverified)
 from trellis.data_pipeline.tokenizer import Tokenizer
 
-KINDS = ("demonstrations", "comparisons", "prompts", "dialogue")
+KINDS = ("demonstrations", "comparisons", "prompts", "dialogue", "translation")
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 ROLE_MARKERS = {"user": HUMAN, "human": HUMAN, "assistant": ASSISTANT, "system": "\n\nSystem:"}
 IDS = pa.list_(pa.int32())
@@ -55,6 +57,8 @@ SCHEMAS = {
                               ("ranking", pa.list_(pa.int32())), ("prompt_ids", IDS),
                               ("responses_ids", pa.list_(IDS))]),
     "prompts": pa.schema([("prompt", pa.string()), ("prompt_ids", IDS)]),
+    "translation": pa.schema([("source", pa.string()), ("target", pa.string()),
+                              ("source_ids", IDS), ("target_ids", IDS), ("where", pa.string())]),
 }
 
 
@@ -103,8 +107,12 @@ def split_dialogue(conv: Any) -> tuple[str, str]:
     return conv[:cut], response[1:] if response.startswith(" ") else response
 
 
-def convert(kind: str, row: dict, tok: Tokenizer) -> dict:
-    """One input record -> one table row (raises BadRow)."""
+def convert(kind: str, row: dict, tok: Tokenizer, where: str = "") -> dict:
+    """One input record (read at `where`) -> one table row (raises BadRow)."""
+    if kind == "translation":
+        s, t = _text(row, "source"), _text(row, "target")
+        return {"source": s, "target": t, "source_ids": tok.encode(s),
+                "target_ids": tok.encode(t), "where": where}
     if kind == "prompts":
         p = _text(row, "prompt")
         return {"prompt": p, "prompt_ids": tok.encode(p)}
@@ -192,7 +200,7 @@ def _ingest_file(kind: str, table_kind: str, path: Path, tok: Tokenizer, dest: P
     for item in read_rows(path, detect_format(path, "auto")):
         if isinstance(item, Row):
             try:
-                rows.append(convert(kind, item.data, tok))
+                rows.append(convert(kind, item.data, tok, item.where))
                 continue
             except BadRow as e:
                 item = Skip(e.reason, item.where, f"{item.where}: {e}")
@@ -204,7 +212,8 @@ def _ingest_file(kind: str, table_kind: str, path: Path, tok: Tokenizer, dest: P
     table = pa.Table.from_pylist(rows, schema=SCHEMAS[table_kind])
     size, checksum = _write_table(dest, table)
     lo, hi = _id_range(table)
-    tokens = sum(len(r["prompt_ids"]) + len(r.get("response_ids", ())) +
+    tokens = sum(len(r.get("prompt_ids", ())) + len(r.get("response_ids", ())) +
+                 len(r.get("source_ids", ())) + len(r.get("target_ids", ())) +
                  sum(len(x) for x in r.get("responses_ids", ())) for r in rows)
     return {"rows": len(rows), "tokens": tokens, "bytes": size, "checksum": checksum,
             "min_id": lo, "max_id": hi, "skipped": dict(skipped), "examples": examples}
@@ -230,7 +239,7 @@ def _read_table(path: Path) -> pa.Table:
 def _id_range(table: pa.Table) -> tuple[int | None, int | None]:
     """Smallest and largest token id in a table's *_ids columns (None, None when empty)."""
     lo = hi = None
-    for name in ("prompt_ids", "response_ids", "responses_ids"):
+    for name in ("prompt_ids", "response_ids", "responses_ids", "source_ids", "target_ids"):
         if name not in table.column_names:
             continue
         col = table.column(name)

@@ -105,6 +105,12 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """ids and each piece's [begin, end) byte span in text's UTF-8 (extractive QA maps
+        answer spans to tokens with them)."""
+        pieces = self._sp.encode(text, out_type="proto").pieces
+        return [p.id for p in pieces], [(p.begin, p.end) for p in pieces]
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
 

@@ -50,7 +50,8 @@ _USER_ERRORS = (("trellis.launcher.config_loader", "ConfigError"),
                 ("trellis.data_pipeline.shards", "DataError"),
                 ("trellis.data_pipeline.tokenizer", "TokenizerError"),
                 ("trellis.data_pipeline.stream", "DataStateError"))
-_RUN_ERRORS = (("trellis.parallel.checkpoint", "CheckpointError"),)
+_RUN_ERRORS = (("trellis.parallel.checkpoint", "CheckpointError"),
+               ("trellis.launcher.jobs.pipeline.report", "FormatGateError"))
 
 
 def _is(e: BaseException, names: tuple[tuple[str, str], ...]) -> bool:

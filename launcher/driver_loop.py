@@ -10,6 +10,7 @@ worker groups and knows its own checkpoints; the loop owns the cadence:
     train_step(step) -> (row, phases)     (metrics of one step; phase name -> seconds)
     describe(step, row) -> str            (the printed line)
     evaluate(step) -> row                 (held-out metrics; {} = none)
+    should_stop() -> reason | None        (optional: early stop after an evaluation)
     save(step)                            (a complete checkpoint of every trainable role)
     finish(last) -> result                (after the schedule's last step)
     shutdown()
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -31,7 +33,8 @@ from trellis.launcher.progress import progress
 from trellis.parallel import checkpoint
 from trellis.parallel.config import CheckpointConfig
 from trellis.parallel.peak import current_device_name, peak_flops
-from trellis.parallel.worker_group import LocalGroup, WorkerDied, WorkerGroup, ensure_ray
+from trellis.parallel.worker_group import (LocalGroup, PlacementError, WorkerDied, WorkerGroup,
+                                           ensure_ray)
 
 
 class Session(Protocol):
@@ -80,17 +83,24 @@ class StopSignal:
 def run_loop(open_session: Callable[[bool], Session], loop: LoopConfig, ckpt: CheckpointConfig,
              metrics: MetricsLogger) -> dict[str, Any]:
     """Run the schedule to `loop.steps` (or `loop.stop_after`), recovering from worker deaths
-    and stopping cleanly on SIGTERM/SIGINT. Returns {"step", "recoveries", ...the last
-    step's row..., ...finish()} (plus "stopped": the signal's name after a signal)."""
-    failures, resume = 0, ckpt.resume
+    (a lost node's workers too) and stopping cleanly on SIGTERM/SIGINT. Returns {"step",
+    "recoveries", "recovery_log", ...the last step's row..., ...finish()} (plus "stopped":
+    the signal's name after a signal). recovery_log: per recovery, the error and the wall
+    times it was caught ("failed_at") and the new session had resumed ("resumed_at").
+    Resources that do not come (parallel.placement_timeout_s) end the job in one line."""
+    failures, resume, log = 0, ckpt.resume, []
     with StopSignal() as stop:
         while True:
             session = None
             try:
                 session = open_session(resume)
-                return _run(session, loop, ckpt, metrics, stop) | {"recoveries": failures}
+                return _run(session, loop, ckpt, metrics, stop, log) \
+                    | {"recoveries": failures, "recovery_log": log}
+            except PlacementError as e:
+                raise SystemExit(f"trellis {session.name if session else 'job'}: {e}") from None
             except WorkerDied as e:
                 failures += 1
+                log.append({"error": str(e), "failed_at": time.time()})
                 name = session.name if session is not None else "job"
                 if stop.name is not None:
                     raise SystemExit(f"trellis {name}: {e} after {stop.name}; not restarted "
@@ -108,8 +118,10 @@ def run_loop(open_session: Callable[[bool], Session], loop: LoopConfig, ckpt: Ch
 
 
 def _run(s: Session, loop: LoopConfig, ckpt: CheckpointConfig, metrics: MetricsLogger,
-         stop: StopSignal) -> dict[str, Any]:
+         stop: StopSignal, log: list[dict[str, Any]]) -> dict[str, Any]:
     start = s.start()
+    if log and "resumed_at" not in log[-1]:
+        log[-1]["resumed_at"] = time.time()
     end = min(loop.steps, loop.stop_after) if loop.stop_after else loop.steps
     eval_kind = getattr(s, "eval_kind", f"{s.metrics_kind}_eval")
     last: dict[str, Any] = {"step": start}
@@ -124,9 +136,15 @@ def _run(s: Session, loop: LoopConfig, ckpt: CheckpointConfig, metrics: MetricsL
             bar.set_postfix(loss=f"{row['loss']:.3f}", refresh=False)
         if loop.eval_every and step % loop.eval_every == 0 and step != end:
             _evaluate(s, metrics, step, eval_kind)
-        if checkpoint.should_save(step, ckpt, end) or stop.name is not None:
+        early = getattr(s, "should_stop", lambda: None)()
+        if checkpoint.should_save(step, ckpt, end) or stop.name is not None or early:
             s.save(step)
         bar.update(1)
+        if early:
+            bar.close()
+            print(f"{s.name}: stopped early after step {step} of {loop.steps}: {early}",
+                  flush=True)
+            return last | {"early_stop": early} | s.finish(last)
         if stop.name is not None and step < loop.steps:
             bar.close()
             print(f"{s.name}: stopped after step {step} of {loop.steps} on {stop.name} "
@@ -195,7 +213,10 @@ class GroupSession:
         path = checkpoint.latest_complete(self.run_dir) if self.resume else None
         start = self.group.call("resume", str(path) if path else None)[0]
         info = self.group.call("info")[0]
-        print(f"{self.name}: {info['plan']} on {info['device']}"
+        # precision "auto" is resolved on the workers' device: the peak follows their choice
+        self.peak = peak_flops(current_device_name(), info.get("compute_precision",
+                                                               self.cfg.parallel.precision))
+        print(f"{self.name}: {info['plan']} on {info['device']}, {info['precision']}"
               + (f"; resumed from {path}" if path else ""), flush=True)
         return start
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, copy_tokenizer
 from trellis.launcher.config_loader import ConfigError
-from trellis.model.io import META, is_module_dir, load_full_state_dict, save_module
+from trellis.model.io import META, is_module_dir, load_full_state_dict, read_meta, save_module
 from trellis.parallel.checkpoint import CheckpointError
 
 RUN_MODEL = "run_model.json"  # written by every training job: {model, head, engine}
@@ -55,7 +55,7 @@ def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None =
         load_full_state_dict(module, state, str(path))
     except ValueError as e:  # the checkpoint's weights do not fit run_model.json
         raise CheckpointError(str(e)) from None
-    extra = {"source": str(run_dir)}
+    extra = {"source": str(run_dir), "source_fingerprint": source_fingerprint(run_dir, step)}
     tok = run_dir / TOKENIZER_FILE
     out = save_module(module, cfg, meta["head"], out_dir, extra)
     if tok.is_file():
@@ -63,14 +63,28 @@ def consolidate_run(run_dir: str | Path, out_dir: str | Path, step: int | None =
     return out
 
 
+def source_fingerprint(source: Path, step: int | None = None) -> str:
+    """What `materialize` made its copy from: a run dir's chosen checkpoint (its path and
+    completion marker's mtime), or an HF dir's files (name, size, mtime). A re-run stage
+    writes a new marker, so its consumers' copies no longer match and are rebuilt."""
+    from trellis.parallel.checkpoint import MARKER
+    if (source / RUN_MODEL).is_file():
+        ckpt = find_checkpoint(source, step)
+        return f"{ckpt.resolve()}@{(ckpt / MARKER).stat().st_mtime_ns}"
+    files = sorted(f for f in source.iterdir() if f.is_file())
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
 def materialize(source: str | Path, dest: str | Path) -> Path:
     """`source` = a trellis weight dir, a run dir, or a local HF GPT-2/BERT dir -> trellis
-    weight files at `dest` (reused when already there)."""
+    weight files at `dest`, reused only when made from the same source state (a re-run
+    stage's consumers get its new weights, never the old copy)."""
     source, dest = Path(source), Path(dest)
-    if is_module_dir(dest):
-        return dest
     if is_module_dir(source):
         return source
+    if is_module_dir(dest) and source.is_dir() and \
+            read_meta(dest).get("source_fingerprint") == source_fingerprint(source):
+        return dest
     if (source / RUN_MODEL).is_file():
         return consolidate_run(source, dest)
     if (source / "config.json").is_file():
@@ -80,7 +94,8 @@ def materialize(source: str | Path, dest: str | Path) -> Path:
         except UnsafeWeightsError as e:  # only pytorch_model.bin: refused, never unpickled
             raise CheckpointError(str(e)) from None
         head = "lm" if cfg.arch == "gpt" else "mlm"
-        out = save_module(module, cfg, head, dest, {"source": str(source)})
+        out = save_module(module, cfg, head, dest, {"source": str(source),
+                                                    "source_fingerprint": source_fingerprint(source)})
         tok = source / TOKENIZER_FILE
         if tok.is_file():
             copy_tokenizer(tok, out)

@@ -1,4 +1,5 @@
-"""trellis model: pure-torch GPT and BERT, heads, KV-cache generation, HF interchange.
+"""trellis model: pure-torch GPT, BERT and encoder-decoder, heads, KV-cache generation and
+beam search, HF interchange.
 
 Imports nothing distributed (no ray, no deepspeed).
 """
@@ -9,7 +10,10 @@ from trellis.model.generate import Generation, GenerationConfig, generate
 from trellis.model.gpt import GPT
 from trellis.model.heads import ScoreModel, ValueModel
 from trellis.model.kv_cache import KVCache
+from trellis.model.seq2seq import Seq2Seq, Seq2SeqCache
+from trellis.model.seq2seq_generate import TranslateConfig, beam_search, greedy_search, translate
 
 __all__ = ["ModelConfig", "GPT", "Bert", "BertForMaskedLM", "BertForSequenceClassification",
            "build_model", "set_activation_checkpointing", "generate", "GenerationConfig",
-           "Generation", "KVCache", "ScoreModel", "ValueModel"]
+           "Generation", "KVCache", "ScoreModel", "ValueModel", "Seq2Seq", "Seq2SeqCache",
+           "TranslateConfig", "translate", "greedy_search", "beam_search"]

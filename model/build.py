@@ -9,9 +9,10 @@ from trellis.model.bert import Bert, BertForMaskedLM, BertForSequenceClassificat
 from trellis.model.config import ModelConfig
 from trellis.model.gpt import GPT
 from trellis.model.heads import ScoreModel, ValueModel
+from trellis.model.seq2seq import Seq2Seq
 
-Head = Literal["lm", "mlm", "cls", "value", "score"]
-_HEAD_ARCH = {"lm": "gpt", "mlm": "bert", "cls": "bert"}
+Head = Literal["lm", "mlm", "cls", "value", "score", "seq2seq"]
+_HEAD_ARCH = {"lm": "gpt", "mlm": "bert", "cls": "bert", "seq2seq": "seq2seq"}
 
 
 def build_trunk(cfg: ModelConfig) -> nn.Module:
@@ -21,7 +22,8 @@ def build_trunk(cfg: ModelConfig) -> nn.Module:
 
 def build_model(cfg: ModelConfig, head: Head = "lm") -> nn.Module:
     """gpt+lm -> GPT; bert+mlm -> BertForMaskedLM; bert+cls -> BertForSequenceClassification;
-    value/score -> ValueModel/ScoreModel around a fresh trunk of either arch."""
+    value/score -> ValueModel/ScoreModel around a fresh trunk of either arch;
+    seq2seq+seq2seq -> Seq2Seq (encoder-decoder with its tied output projection)."""
     need = _HEAD_ARCH.get(head)
     if need is not None and cfg.arch != need:
         raise ValueError(f"head '{head}' needs arch '{need}', got arch '{cfg.arch}'")
@@ -35,7 +37,9 @@ def build_model(cfg: ModelConfig, head: Head = "lm") -> nn.Module:
         return ValueModel(build_trunk(cfg))
     if head == "score":
         return ScoreModel(build_trunk(cfg))
-    raise ValueError(f"unknown head '{head}' (allowed: lm, mlm, cls, value, score)")
+    if head == "seq2seq":
+        return Seq2Seq(cfg)
+    raise ValueError(f"unknown head '{head}' (allowed: lm, mlm, cls, value, score, seq2seq)")
 
 
 def set_activation_checkpointing(module: nn.Module, enabled: bool) -> None:

@@ -1,4 +1,5 @@
-"""ModelConfig: one dataclass for both architectures (GPT decoder, BERT encoder)."""
+"""ModelConfig: one dataclass for every architecture (GPT decoder, BERT encoder, the original
+encoder-decoder Transformer)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,8 +15,9 @@ RETIRED_FIELDS = frozenset({
 
 @dataclass
 class ModelConfig:
-    arch: Literal["gpt", "bert"] = "gpt"
-    """gpt: GPT-2 causal decoder (pre-LN); bert: original BERT encoder (post-LN)."""
+    arch: Literal["gpt", "bert", "seq2seq"] = "gpt"
+    """gpt: GPT-2 causal decoder (pre-LN); bert: original BERT encoder (post-LN); seq2seq: the
+    encoder-decoder Transformer of Vaswani et al. 2017 (model/seq2seq.py)."""
     preset: str = ""
     """Name of a size preset (model/presets.py); the config loader fills its values."""
     vocab_size: int = field(default=2000, metadata={"min": 8})
@@ -40,6 +42,14 @@ class ModelConfig:
     """Padding token id."""
     num_labels: int = field(default=2, metadata={"min": 1})
     """Classes of the BERT sequence-classification head."""
+    n_decoder_layer: int = field(default=0, metadata={"min": 0})
+    """seq2seq: decoder blocks; 0 means n_layer (n_layer counts the encoder's)."""
+    norm_position: Literal["post", "pre"] = "post"
+    """seq2seq: post-LN blocks (the original Transformer, Marian) or pre-LN blocks with a final
+    LayerNorm after each stack (more stable when deep)."""
+    share_embeddings: bool = True
+    """seq2seq: one token embedding for source, target and output (one joint vocabulary);
+    False gives the encoder its own (the decoder's stays tied to the output projection)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_head != 0:
@@ -51,6 +61,11 @@ class ModelConfig:
     def ff_dim(self) -> int:
         """The MLP inner size actually used."""
         return self.d_ff or 4 * self.d_model
+
+    @property
+    def decoder_layers(self) -> int:
+        """seq2seq: the decoder blocks actually used."""
+        return self.n_decoder_layer or self.n_layer
 
     @property
     def head_dim(self) -> int:

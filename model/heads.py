@@ -101,3 +101,19 @@ class ScoreModel(nn.Module):
         last = h[torch.arange(B, device=h.device), idx]  # (B, C)
         raw = self.score_head(last).squeeze(-1)  # (B,)
         return (raw - self.norm_mean) / self.norm_std
+
+
+class ScoreEnsemble(nn.Module):
+    """k reward models scoring the same rows -> (B, k) (Coste et al. 2023: optimise a
+    conservative combination of the members, not one model's errors)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("ScoreEnsemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+
+    def forward(self, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.stack([m(input_ids, attention_mask) for m in self.members], dim=1)

@@ -63,3 +63,13 @@ class KVCache:
         self.key_mask[:, self.length:self.length + T] = new_mask.bool()
         self.seen = self.seen + new_mask.long().sum(dim=1)
         self.length += T
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B',) of the batch, in that order (beam search: each surviving
+        hypothesis takes its parent's cache)."""
+        for store in (self.keys, self.values):
+            for layer, t in store.items():
+                store[layer] = t.index_select(0, index)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask.index_select(0, index)
+            self.seen = self.seen.index_select(0, index)

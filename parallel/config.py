@@ -42,8 +42,10 @@ class ParallelConfig:
     """Keep optimizer state (and its step) on CPU memory; needs zero_stage >= 1."""
     offload_params: bool = False
     """Keep partitioned parameters on CPU memory; needs zero_stage 3."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Compute precision; bf16/fp16 keep fp32 master weights in the optimizer."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Compute precision; bf16/fp16 keep fp32 master weights in the optimizer. auto: bf16
+    where the device computes it natively (GPUs from Ampere on; CPUs with AVX512-BF16 or
+    AMX), else fp32; the choice is printed at start (parallel.precision)."""
     micro_batch_size: int = field(default=8, metadata={"min": 1})
     """Sequences per rank per forward/backward."""
     grad_accum: int = field(default=1, metadata={"min": 1})
@@ -56,6 +58,15 @@ class ParallelConfig:
     """Ray CPU reservation per worker; fractional so several groups can share a node."""
     gpus_per_worker: float = field(default=0.0, metadata={"min": 0.0})
     """Ray GPU reservation per worker; fractional values let groups share a GPU."""
+    resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources per worker, e.g. {node_a: 0.01}: the group goes only to nodes
+    that declare them (`ray start --resources`), to pin roles to node types."""
+    placement_timeout_s: float = field(default=120.0, metadata={"min": 1.0})
+    """How long a group waits for its resources (e.g. a replacement for a lost node) before
+    failing with one line naming what is missing."""
+    collective_timeout_s: float = field(default=600.0, metadata={"min": 1.0})
+    """How long a collective waits for every rank (gloo/NCCL process-group timeout): a hung
+    peer ends in an error naming its rank and node instead of a hang."""
     zero3_persistence_threshold: int = field(default=0, metadata={"min": 0})
     """ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's
     stage3_param_persistence_threshold, 1e5 there). 0 partitions every parameter: per-rank
@@ -74,6 +85,10 @@ class ParallelConfig:
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1, got zero_stage 0")
+        bad = {k: v for k, v in self.resources.items() if k in ("CPU", "GPU") or v <= 0}
+        if bad:
+            raise ValueError(f"resources {bad}: custom resources need a positive amount and a "
+                             f"name other than CPU/GPU (cpus_per_worker/gpus_per_worker set those)")
 
 
 @dataclass

@@ -148,8 +148,9 @@ def init_distributed(rank: int, world_size: int, master_addr: str = "127.0.0.1",
 
     Rank 0 hosts the rendezvous store on master_addr:master_port (bound to that address
     only; a socket from reserve_rendezvous when there is one, else bound now; port None: any
-    free port, for a world of 1). DeepSpeed's comm layer adopts the group. Idempotent when
-    already initialized with the same rank and world size.
+    free port, for a world of 1). DeepSpeed's comm layer adopts the group. Every collective
+    of this process (DeepSpeed's own groups too) fails after `timeout_s` instead of waiting
+    on a hung peer. Idempotent when already initialized with the same rank and world size.
     """
     import deepspeed
     import torch.distributed as tdist
@@ -181,11 +182,22 @@ def init_distributed(rank: int, world_size: int, master_addr: str = "127.0.0.1",
             kwargs["device_id"] = torch.device("cuda", local)
     tdist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                              timeout=timeout, **kwargs)
+    _default_group_timeout(timeout)
     _skip_shm_comm_jit()
     # With torch.distributed initialized, DeepSpeed's comm layer wraps the existing group.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timeout, rank=rank, world_size=world_size)
     return backend
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Groups made later without a timeout (DeepSpeed clones the world group with
+    new_group(ranks)) take torch's module default, 30 min for gloo; make it ours, so every
+    collective of this process gives up after `timeout` (a private knob of torch)."""
+    import torch.distributed.distributed_c10d as c10d
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def _device_id_safe() -> bool:

@@ -7,6 +7,11 @@ ours (parallel.schedule) passed to DeepSpeed as a torch LambdaLR.
 Typical loop, one call per micro-batch:
     loss = loss_fn(engine(x), y); engine.backward(loss); info = engine.step()
 `info` is {} between accumulation boundaries and {step, lr, grad_norm} after an optimizer step.
+
+The optimizer is torch's AdamW built here (fused: one kernel over all tensors, where torch
+has it for the device; 4-5x faster than the per-tensor loop on CPU) and handed to DeepSpeed
+as a client optimizer; the config's "optimizer" entry describes it. At world size 1 under
+ZeRO-0 the gradient all-reduce (a flatten/copy of every gradient) is skipped.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from torch import nn
 from trellis.parallel import dist
 from trellis.parallel.batch import BatchPlan
 from trellis.parallel.config import OptimConfig, ParallelConfig
+from trellis.parallel.precision import resolve_precision
 from trellis.parallel.schedule import make_lambda_lr
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,7 @@ def ds_config(optim: OptimConfig | None, par: ParallelConfig, plan: BatchPlan,
               trainable: bool = True) -> dict[str, Any]:
     """DeepSpeed config dict from our configs. Pure: no DeepSpeed import, testable."""
     on_gpu = torch.cuda.is_available()
+    precision = resolve_precision(par.precision)
     stage = par.zero_stage if trainable else (3 if par.zero_stage == 3 else 0)
     zero: dict[str, Any] = {"stage": stage, "reduce_bucket_size": par.bucket_elements,
                             "allgather_bucket_size": par.bucket_elements}
@@ -52,8 +59,8 @@ def ds_config(optim: OptimConfig | None, par: ParallelConfig, plan: BatchPlan,
         "gradient_accumulation_steps": plan.grad_accum,
         "train_batch_size": plan.global_batch_sequences,
         "zero_optimization": zero,
-        "bf16": {"enabled": par.precision == "bf16"},
-        "fp16": {"enabled": par.precision == "fp16", "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -81,6 +88,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def adamw(groups: list[dict[str, Any]], optim: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW over `groups`, fused where torch supports the parameters' device/dtype."""
+    kw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+              weight_decay=optim.weight_decay)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kw)
+    except (RuntimeError, ValueError):  # no fused kernel here: torch's default (foreach)
+        return torch.optim.AdamW(groups, **kw)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> bool:
@@ -147,15 +164,19 @@ class Engine:
         if par.activation_checkpointing:
             apply_activation_checkpointing(model)
         if trainable:
+            config = {k: v for k, v in self.config.items() if k != "optimizer"}
             self._ds, *_ = deepspeed.initialize(
-                model=model, model_parameters=param_groups(model, optim.weight_decay),
-                config=self.config, lr_scheduler=make_lambda_lr(optim, total_steps))
+                model=model, optimizer=adamw(param_groups(model, optim.weight_decay), optim),
+                config=config, lr_scheduler=make_lambda_lr(optim, total_steps))
+            if world == 1 and self.zero_stage == 0:
+                self._ds.enable_backward_allreduce = False  # an average over one rank
         else:
             model.requires_grad_(False)
             self._ds, *_ = deepspeed.initialize(model=model, config=self.config)
             self._ds.eval()
         # Stage 0 fp32 has no DeepSpeed wrapper optimizer that records the gradient norm.
-        self._manual_norm = trainable and self.zero_stage == 0 and par.precision == "fp32"
+        self.precision = resolve_precision(par.precision)
+        self._manual_norm = trainable and self.zero_stage == 0 and self.precision == "fp32"
 
     # ---- running -------------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ from trellis.parallel import checkpoint, dist
 from trellis.parallel.batch import BatchPlan
 from trellis.parallel.config import OptimConfig, ParallelConfig
 from trellis.parallel.engine import Engine
+from trellis.parallel.precision import describe_precision
 
 
 class EngineWorker:
@@ -68,19 +69,20 @@ class EngineWorker:
         """grad_accum micro-batches and one optimizer step; metrics averaged over ranks."""
         t0 = time.perf_counter()
         self.engine.train()
-        loss_sum, parts, tokens, info = 0.0, {}, 0, {}
+        loss_sum: torch.Tensor | float = 0.0
+        parts, tokens, info = {}, 0, {}
         accum = self.plan.grad_accum
         for _ in range(accum):
             batch = self.next_batch()
             loss, extra = self.loss(batch)
             self.engine.backward(loss)
             info = self.engine.step() or info
-            loss_sum += loss.item() / accum
+            loss_sum = loss_sum + loss.detach() / accum  # on the device: no sync per micro-batch
             tokens += self.batch_tokens(batch)
             for k, v in extra.items():
                 parts[k] = parts.get(k, 0.0) + v / accum
         self.step += 1
-        means = dist.all_reduce_mean_dict(parts | {"loss": loss_sum})
+        means = dist.all_reduce_mean_dict(parts | {"loss": float(loss_sum)})  # one read per step
         return means | {"lr": info.get("lr", 0.0), "grad_norm": info.get("grad_norm", float("nan")),
                         "tokens": tokens * self.world, "step_time": time.perf_counter() - t0}
 
@@ -113,6 +115,8 @@ class EngineWorker:
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "plan": self.plan.describe(), "device": str(self.device),
+                "precision": describe_precision(self.engine.par.precision),
+                "compute_precision": self.engine.precision,
                 "zero_stage": self.engine.zero_stage, "trainable": self.engine.trainable,
                 "local_params": self.engine.local_param_numel(),
                 "global_params": self.engine.global_param_numel()}

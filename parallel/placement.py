@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from trellis.parallel.config import ParallelConfig
+from trellis.parallel.resources import bundle_of, wait_placed
 from trellis.parallel.worker_group import LocalGroup, WorkerGroup, ensure_ray
 
 @dataclass
@@ -26,25 +27,19 @@ class RoleSpec:
 
 
 def colocated_placement_group(pars: list[ParallelConfig], name: str,
-                              timeout_s: float = 120.0) -> Any:
-    """One placement group whose bundle r holds rank r of every role (their shares summed)."""
-    import ray
+                              timeout_s: float | None = None) -> Any:
+    """One placement group whose bundle r holds rank r of every role (their shares summed).
+    Waits up to `timeout_s` (default: the longest placement_timeout_s of the roles)."""
     from ray.util.placement_group import placement_group
 
     if len({p.num_workers for p in pars}) != 1:
         raise ValueError(f"colocated roles need equal num_workers, got "
                          f"{[p.num_workers for p in pars]}")
-    bundle = {k: v for k, v in (("CPU", sum(p.cpus_per_worker for p in pars)),
-                                ("GPU", sum(p.gpus_per_worker for p in pars))) if v}
+    bundle = bundle_of(pars)
     pg = placement_group([bundle] * pars[0].num_workers, strategy=pars[0].placement,
                          name=name)
-    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
-    if not ready:
-        from ray.util.placement_group import remove_placement_group
-        remove_placement_group(pg)
-        raise RuntimeError(f"colocated placement group of {pars[0].num_workers} x {bundle} not "
-                           f"placed in {timeout_s:.0f}s; cluster resources: "
-                           f"{ray.available_resources()}")
+    wait_placed(pg, f"colocated placement group of {pars[0].num_workers} x {bundle}",
+                timeout_s if timeout_s is not None else max(p.placement_timeout_s for p in pars))
     return pg
 
 

@@ -11,7 +11,9 @@ after the process group exists, so its constructor may build an Engine. Calls fa
     group.get(refs)
 
 A dead actor makes call/get raise WorkerDied(role, rank) as soon as its result is due, even
-while other ranks are blocked in a collective waiting for it.
+while other ranks are blocked in a collective waiting for it (a lost node's actors likewise).
+A rank that stops answering makes its peers' collectives time out after
+par.collective_timeout_s; get then raises WorkerHung naming that rank and its node.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ from typing import Any, Sequence
 
 from trellis.parallel import dist
 from trellis.parallel.config import ParallelConfig
+from trellis.parallel.resources import PlacementError, bundle_of, wait_placed
+
+__all__ = ["LocalGroup", "PlacementError", "WorkerDied", "WorkerGroup", "WorkerHung",
+           "ensure_ray", "resolve_class"]
 
 # Environment the actors need but may not inherit (e.g. when joining an existing cluster);
 # set in the actor before the worker class is built, so read-at-use variables only.
@@ -32,10 +38,31 @@ _FORWARD_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_ENABLE_WINDOWS_OR
 class WorkerDied(RuntimeError):
     """A worker actor of a group died (killed, crashed, node lost)."""
 
-    def __init__(self, role: str, rank: int, cause: BaseException | None = None):
-        self.role, self.rank, self.cause = role, rank, cause
+    def __init__(self, role: str, rank: int, cause: BaseException | None = None,
+                 node: str | None = None):
+        self.role, self.rank, self.cause, self.node = role, rank, cause, node
         why = f": {type(cause).__name__}" if cause is not None else ""
-        super().__init__(f"worker {role}/rank{rank} died{why}")
+        where = f" on node {node}" if node else ""
+        super().__init__(f"worker {role}/rank{rank} died{where}{why}")
+
+
+class WorkerHung(WorkerDied):
+    """A rank stopped answering: a peer's collective timed out waiting for it, and it neither
+    answered nor died within the grace. Recovered like a death (the group is torn down)."""
+
+    def __init__(self, role: str, rank: int, node: str | None, peer: int, timeout_s: float,
+                 cause: BaseException | None = None):
+        self.role, self.rank, self.cause, self.node = role, rank, cause, node
+        RuntimeError.__init__(
+            self, f"worker {role}/rank{rank} on node {node or '?'} stopped answering: rank "
+                  f"{peer}'s collective timed out after {timeout_s:g}s "
+                  f"(parallel.collective_timeout_s)")
+
+
+def _is_collective_timeout(e: BaseException) -> bool:
+    """gloo: 'Timed out waiting Nms for recv operation'; NCCL's watchdog: '... timeout'."""
+    text = f"{type(e).__name__} {e}".lower()
+    return "timed out" in text or "watchdog" in text or "timeout" in text
 
 
 def _worker_error(e: Any, where: str) -> BaseException:
@@ -121,11 +148,13 @@ class _Worker:
         return ip, dist.reserve_rendezvous(ip)
 
     def setup(self, addr: str, port: int, backend: str, worker_cls: type | str,
-              kwargs: dict[str, Any]) -> int:
+              kwargs: dict[str, Any], timeout_s: float = 600.0) -> tuple[int, str]:
+        """Join the process group (collectives time out after `timeout_s`), build the worker
+        object; returns (pid, node)."""
         self._title("setup")
-        dist.init_distributed(self.rank, self.world_size, addr, port, backend)
+        dist.init_distributed(self.rank, self.world_size, addr, port, backend, timeout_s=timeout_s)
         self.obj = resolve_class(worker_cls)(self.rank, self.world_size, **kwargs)
-        return os.getpid()
+        return os.getpid(), self.node()
 
     def call(self, method: str, args_kwargs: tuple[tuple, dict]) -> Any:
         self._title(method)
@@ -135,24 +164,39 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """'<node id, 8 hex> (<ip>)': where this rank runs, as error messages name it."""
+        import ray
+        import ray.util
+        return f"{ray.get_runtime_context().get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
+
+    def node_id(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
 
 class WorkerGroup:
     """par.num_workers Ray actors named '<role>/rank<r>' in one placement group (par.placement)
-    with fractional bundles {CPU: par.cpus_per_worker, GPU: par.gpus_per_worker}."""
+    with fractional bundles {CPU: par.cpus_per_worker, GPU: par.gpus_per_worker, **par.resources}."""
 
     def __init__(self, worker_cls: type | str, par: ParallelConfig, role: str = "worker",
                  worker_kwargs: dict[str, Any] | None = None, env: dict[str, str] | None = None,
-                 start_timeout_s: float = 120.0, placement_group: Any = None):
+                 start_timeout_s: float | None = None, placement_group: Any = None):
         """`placement_group`: an existing one to place rank r into bundle r (colocating
         several groups on the same devices, each taking its fraction); it is then not
-        removed at shutdown. Default: a placement group of this group's own."""
+        removed at shutdown. Default: a placement group of this group's own.
+        `start_timeout_s`: how long to wait for placement (default par.placement_timeout_s);
+        past it, PlacementError names the missing resources."""
         import ray
         import ray.util
         if not ray.is_initialized():
             raise RuntimeError("Ray is not initialized; call parallel.ensure_ray() first")
         self.role, self.world_size = role, par.num_workers
-        bundle = {k: v for k, v in (("CPU", par.cpus_per_worker), ("GPU", par.gpus_per_worker)) if v}
-        if not bundle:
+        self.collective_timeout_s = par.collective_timeout_s
+        self.nodes: list[str] = []  # by rank, once set up
+        start_timeout_s = par.placement_timeout_s if start_timeout_s is None else start_timeout_s
+        bundle = bundle_of([par])
+        if not {"CPU", "GPU"} & set(bundle):
             raise ValueError("cpus_per_worker and gpus_per_worker are both 0; reserve something")
         self._owns_pg = placement_group is None
         self._pg = placement_group or ray.util.placement_group(
@@ -169,12 +213,8 @@ class WorkerGroup:
             raise
 
     def _place(self, ray: Any, bundle: dict, timeout_s: float) -> None:
-        ready, _ = ray.wait([self._pg.ready()], timeout=timeout_s)
-        if not ready:
-            raise RuntimeError(
-                f"group '{self.role}': placement group of {self.world_size} x {bundle} "
-                f"({self._pg.bundle_specs[0]}) not placed in {timeout_s:.0f}s; "
-                f"cluster resources: {ray.available_resources()}")
+        wait_placed(self._pg, f"group '{self.role}': placement group of {self.world_size} x "
+                              f"{bundle} ({self._pg.bundle_specs[0]})", timeout_s)
 
     def _start(self, worker_cls: type | str, par: ParallelConfig, kwargs: dict,
                env: dict[str, str] | None, timeout_s: float) -> None:
@@ -191,8 +231,10 @@ class WorkerGroup:
             ).remote(self.role, r, self.world_size, env_vars))
         addr, port = self.get([self._actors[0].rendezvous.remote()], ranks=[0],
                               timeout_s=timeout_s)[0]
-        self._pids = self.get([a.setup.remote(addr, port, par.backend, worker_cls, kwargs)
-                               for a in self._actors], timeout_s=timeout_s)
+        where = self.get([a.setup.remote(addr, port, par.backend, worker_cls, kwargs,
+                                         par.collective_timeout_s) for a in self._actors],
+                         timeout_s=timeout_s)
+        self.nodes = [node for _, node in where]
 
     # ---- calls ---------------------------------------------------------------------------
     def call_async(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
@@ -247,19 +289,28 @@ class WorkerGroup:
                 try:
                     results[i] = ray.get(ref)
                 except RayActorError as e:  # includes ActorDiedError / ActorUnavailableError
-                    raise WorkerDied(self.role, ranks[i], e) from e
+                    raise WorkerDied(self.role, ranks[i], e, self._node(ranks[i])) from e
                 except RayTaskError as e:
                     died = self._death_among(pending, ranks)
                     if died is not None:
                         raise died from None
-                    raise _worker_error(e, f"{self.role}/rank{ranks[i]}") from None
+                    error = _worker_error(e, f"{self.role}/rank{ranks[i]}")
+                    if pending and _is_collective_timeout(error):  # they never answered
+                        hung = min(ranks[j] for j in pending.values())
+                        raise WorkerHung(self.role, hung, self._node(hung), ranks[i],
+                                         self.collective_timeout_s, error) from None
+                    raise error from None
         return results
 
+    def _node(self, rank: int) -> str | None:
+        return self.nodes[rank] if rank < len(self.nodes) else None
+
     def _death_among(self, pending: dict[Any, int], ranks: list[int]) -> WorkerDied | None:
-        """WorkerDied for a rank among `pending` that turns out dead within DEATH_GRACE_S."""
+        """WorkerDied for a rank among `pending` that turns out dead within DEATH_GRACE_S
+        (at most the collective timeout: a dead peer fails its peers' collectives sooner)."""
         import ray
         from ray.exceptions import RayActorError
-        deadline = time.monotonic() + self.DEATH_GRACE_S
+        deadline = time.monotonic() + min(self.DEATH_GRACE_S, self.collective_timeout_s)
         while pending and (left := deadline - time.monotonic()) > 0:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             for ref in ready:
@@ -267,7 +318,7 @@ class WorkerGroup:
                 try:
                     ray.get(ref)
                 except RayActorError as e:
-                    return WorkerDied(self.role, ranks[i], e)
+                    return WorkerDied(self.role, ranks[i], e, self._node(ranks[i]))
                 except Exception:  # another rank's error: keep looking for a death
                     pass
         return None

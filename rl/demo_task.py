@@ -19,8 +19,9 @@ and extra items cost); an empty or (for add) non-numeric response is 0.
 Data (``write_demo_data``), like InstructGPT's three prompt datasets, from disjoint prompts:
 a SMALL set of demonstrations (the expensive human-written part), comparison prompts with
 K responses ranked by ``simulated_labeler`` (ties allowed, optional label noise), PPO
-prompts, and held-out eval prompts. Train and eval use disjoint item *sets* (``split_of``),
-so eval prompts are unseen combinations, not just unseen orders.
+prompts, held-out validation prompts (RL checkpoint selection) and held-out eval prompts
+(the final table). The three use disjoint item *sets* (``split_of``), so held-out prompts
+are unseen combinations, not just unseen orders.
 
 Pretraining (``write_pretrain_corpus``) teaches the format, not the answer: each line is a
 train-split prompt followed by a random permutation of its words (sort) or a random number
@@ -68,7 +69,8 @@ class DemoTaskConfig:
     max_operand: int = field(default=99, metadata={"min": 9})
     """add: operands are 0..max_operand."""
     eval_fraction: float = field(default=0.1, metadata={"min": 0.01, "max": 0.5})
-    """Share of item sets (sort) / operand pairs (add) held out for evaluation."""
+    """Share of item sets (sort) / operand pairs (add) held out: half for validation (RL
+    checkpoint selection), half for the final evaluation."""
     n_demonstrations: int = field(default=200, metadata={"min": 1})
     """SFT demonstrations (prompt + the rule's answer). Small on purpose: demonstrations are
     the expensive data; comparisons are cheaper, which is what RLHF exploits."""
@@ -79,7 +81,9 @@ class DemoTaskConfig:
     n_train_prompts: int = field(default=2000, metadata={"min": 1})
     """PPO prompts (no answers)."""
     n_eval_prompts: int = field(default=200, metadata={"min": 1})
-    """Held-out prompts for measuring the policy's score."""
+    """Held-out prompts for measuring the policy's score (the final table)."""
+    n_val_prompts: int = field(default=100, metadata={"min": 1})
+    """Held-out prompts of other item sets, for choosing RL checkpoints (never the table's)."""
     label_noise: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     """Probability the simulated labeler judges a response by a random score instead."""
 
@@ -96,13 +100,18 @@ def _rng(seed: int | random.Random, part: str) -> random.Random:
     return seed if isinstance(seed, random.Random) else random.Random(f"trellis-demo/{seed}/{part}")
 
 
-def split_of(prompt: str, eval_fraction: float = 0.1) -> Literal["train", "eval"]:
-    """train or eval, by a stable hash of the prompt's item set (order-free), so every
-    ordering of an eval set is eval too."""
+Split = Literal["train", "val", "eval"]
+
+
+def split_of(prompt: str, eval_fraction: float = 0.1) -> Split:
+    """train, val or eval, by a stable hash of the prompt's item set (order-free), so every
+    ordering of a held-out set is held out too. The held-out share `eval_fraction` is halved:
+    val (checkpoint selection during RL) and eval (the final table) share no item set."""
     kind, items = parse(prompt)
     key = f"{kind}:" + " ".join(sorted(str(x) for x in items))
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-    return "eval" if h / 2 ** 64 < eval_fraction else "train"
+    u = h / 2 ** 64
+    return "train" if u >= eval_fraction else ("val" if u < eval_fraction / 2 else "eval")
 
 
 def _random_prompt(cfg: DemoTaskConfig, rng: random.Random) -> str:
@@ -112,13 +121,13 @@ def _random_prompt(cfg: DemoTaskConfig, rng: random.Random) -> str:
     return f"add: {rng.randint(0, cfg.max_operand)}+{rng.randint(0, cfg.max_operand)} ="
 
 
-def make_prompts(n: int, seed: int | random.Random, split: Literal["train", "eval"],
+def make_prompts(n: int, seed: int | random.Random, split: Split,
                  cfg: DemoTaskConfig | None = None,
                  exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """n distinct prompts of `split` (not in `exclude`), deterministic given the seed."""
     cfg = cfg or DemoTaskConfig()
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    if split not in ("train", "val", "eval"):
+        raise ValueError(f"split must be 'train', 'val' or 'eval', not {split!r}")
     rng = _rng(seed, f"prompts/{split}")
     out: list[str] = []
     seen = set(exclude)
@@ -189,6 +198,16 @@ def score(prompt: str, response: str) -> float:
     if not got:
         return 0.0
     return right / max(len(got), len(want))
+
+
+def uses_prompt_items(prompt: str, response: str) -> bool:
+    """The format, not the rule: sort: the response is a permutation of the prompt's words;
+    add: the response is a number. A base model that copies the prompt's words is what SFT
+    and RL can build on (the pipeline's "format learned" gate)."""
+    kind, items = parse(prompt)
+    if kind == "sort":
+        return sorted(response.split()) == sorted(items)
+    return response.strip().isdigit()
 
 
 def mean_score(prompts: Sequence[str], responses: Sequence[str],
@@ -291,6 +310,7 @@ def write_demo_data(out_dir: str | Path, cfg: DemoTaskConfig,
     comp_prompts = pool[cfg.n_demonstrations:cfg.n_demonstrations + cfg.n_comparison_prompts]
     ppo_prompts = pool[cfg.n_demonstrations + cfg.n_comparison_prompts:]
     eval_prompts = make_prompts(cfg.n_eval_prompts, cfg.seed, "eval", cfg)
+    val_prompts = make_prompts(cfg.n_val_prompts, cfg.seed, "val", cfg)
     k = cfg.k_responses
     responses = (sample_fn(comp_prompts, k) if sample_fn is not None
                  else _fallback_responses(comp_prompts, k, cfg))
@@ -307,6 +327,7 @@ def write_demo_data(out_dir: str | Path, cfg: DemoTaskConfig,
         "comparisons": _write_jsonl(out / "comparisons.jsonl", comparisons),
         "prompts_train": _write_jsonl(out / "prompts_train.jsonl", [{"prompt": p} for p in ppo_prompts]),
         "prompts_eval": _write_jsonl(out / "prompts_eval.jsonl", [{"prompt": p} for p in eval_prompts]),
+        "prompts_val": _write_jsonl(out / "prompts_val.jsonl", [{"prompt": p} for p in val_prompts]),
     }
     meta = {"config": asdict(cfg), "sampled": sample_fn is not None,
             "empty_responses": sum(not r.strip() for g in responses for r in g),

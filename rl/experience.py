@@ -37,6 +37,22 @@ def action_slice(P: int, R: int) -> slice:
 _PROMPT = ("prompt_ids", "prompt_mask")
 
 
+def with_eos(response_ids: torch.Tensor, response_mask: torch.Tensor, eos_id: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Responses (B, R) with an EOS after the last token of every row that has none (one
+    more column): what a reward model trained on complete answers must score."""
+    B, R = response_ids.shape
+    lens = response_mask.sum(1)                                            # (B,)
+    last = response_ids.gather(1, (lens - 1).clamp(min=0)[:, None])[:, 0]
+    missing = (lens == 0) | (last != eos_id)
+    ids = torch.cat([response_ids, torch.zeros(B, 1, dtype=response_ids.dtype)], 1)
+    mask = torch.cat([response_mask, torch.zeros(B, 1, dtype=response_mask.dtype)], 1)
+    rows = missing.nonzero()[:, 0]
+    ids[rows, lens[rows]] = eos_id
+    mask[rows, lens[rows]] = True
+    return ids, mask
+
+
 @dataclass
 class Experience:
     prompt_ids: torch.Tensor     # (B, P) int64, left-padded

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from trellis.data_pipeline.collate import PromptCollator, SFTCollator
+from trellis.data_pipeline.collate import PromptCollator, ScoreCollator, SFTCollator
 from trellis.model.generate import GenerationConfig, generate
 from trellis.rl.ppo_math import token_logprobs
 
@@ -55,7 +55,7 @@ def rm_scores(rm: nn.Module, tok, prompts: Sequence[str], responses: Sequence[st
     rm.eval()
     rows = [{"prompt_ids": tok.encode(p), "response_ids": tok.encode(r)}
             for p, r in zip(prompts, responses)]
-    b = SFTCollator(max_len=max_len, max_prompt_len=max_len // 2)(rows)
+    b = ScoreCollator(max_len=max_len, max_prompt_len=max_len // 2)(rows)
     return rm(b["input_ids"], attention_mask=b["attention_mask"]).float()
 
 

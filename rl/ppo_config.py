@@ -34,6 +34,14 @@ class PPOConfig:
     """Adaptive controller horizon (in responses)."""
     score_clip: float = field(default=5.0, metadata={"min": 0.0})
     """Reward-model scores are clipped to [-score_clip, score_clip]; 0 = no clipping."""
+    missing_eos_penalty: float = field(default=0.0, metadata={"min": 0.0})
+    """Subtracted from the score of a response cut by max_new_tokens (no EOS; it is scored
+    with an EOS appended). TRL's option of the same name."""
+    ensemble_reduce: Literal["mean", "min", "mean_minus_std"] = "mean"
+    """With several reward models (the job's reward_members): the reward is their mean,
+    their min, or mean - ensemble_lambda * std (Coste et al. 2023)."""
+    ensemble_lambda: float = field(default=1.0, metadata={"min": 0.0})
+    """The std weight of ensemble_reduce=mean_minus_std."""
     whiten_advantages: bool = True
     """Normalise advantages over the batch's real tokens."""
     ptx_coef: float = field(default=0.0, metadata={"min": 0.0})

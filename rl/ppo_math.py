@@ -250,3 +250,14 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 def masked_entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean per-token entropy of the policy over real tokens (a collapse detector)."""
     return float(masked_mean(entropy_from_logits(logits), mask))
+
+
+def ensemble_reward(scores: torch.Tensor, reduce: str, lam: float = 1.0) -> torch.Tensor:
+    """(B, k) member scores -> (B,) reward: mean, min, or mean - lam * std over members."""
+    if reduce == "mean" or scores.shape[1] == 1:
+        return scores.mean(1)
+    if reduce == "min":
+        return scores.min(1).values
+    if reduce == "mean_minus_std":
+        return scores.mean(1) - lam * scores.std(1, unbiased=False)
+    raise ValueError(f"unknown ensemble_reduce {reduce!r} (mean, min, mean_minus_std)")

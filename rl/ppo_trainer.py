@@ -25,7 +25,9 @@ from trellis.data_pipeline.collate import PromptCollator
 from trellis.data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow, write_parquet
 from trellis.data_pipeline.row_stream import RowStream
 from trellis.rl.experience import Experience, make_experience
+from trellis.rl.gold import gold_scorer, gold_stats
 from trellis.rl.kl import make_kl_controller
+from trellis.rl.selection import Selector
 
 ROLES = ("actor", "critic", "reference", "reward")
 TRAINED_ROLES = ("actor", "critic")
@@ -60,7 +62,10 @@ class PPOTrainer:
         self.kl = make_kl_controller(self.ppo.kl_controller, self.ppo.init_beta,
                                      self.ppo.target_kl, self.ppo.kl_horizon)
         self.collate = PromptCollator(max_prompt_len=self.ppo.max_prompt_len)
+        self.gold = gold_scorer(cfg.gold)
+        self.selector = Selector(cfg.selection, has_gold=self.gold is not None)
         self.iteration = 0
+        self.stopped_early = False
 
     # ---- one iteration -------------------------------------------------------------------
     def rollout(self, rows: list[dict], greedy: bool = False
@@ -140,20 +145,29 @@ class PPOTrainer:
         responses = [self.tok.decode(r[mk.bool()].tolist()).replace("</s>", "").strip()
                      for r, mk in zip(seq["response_ids"], seq["response_mask"])]
         prompts = [r["prompt"] for r in rows]
-        return {"reward_mean": float(seq["scores"].mean()), "kl_mean": float(kl.mean()),
-                "prompts": prompts, "responses": responses,
-                "response_length": float(m.sum(1).mean())}
+        out = {"reward_mean": float(seq["scores"].mean()), "kl_mean": float(kl.mean()),
+               "prompts": prompts, "responses": responses,
+               "response_length": float(m.sum(1).mean())}
+        if "scores_heldout" in seq:
+            out["rm_heldout"] = float(seq["scores_heldout"].mean())
+        if self.gold is not None:
+            out |= gold_stats(self.gold, prompts, responses)
+        return out
 
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "prompts": self.prompts.state_dict(),
-                "kl": self.kl.state_dict()}
+                "kl": self.kl.state_dict(), "selector": self.selector.state_dict(),
+                "stopped_early": self.stopped_early}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.iteration = int(s["iteration"])
         self.prompts.load_state_dict(s["prompts"])
         self._it = iter(self.prompts)
         self.kl.load_state_dict(s["kl"])
+        if "selector" in s:
+            self.selector.load_state_dict(s["selector"])
+        self.stopped_early = bool(s.get("stopped_early", False))
 
     def save(self) -> None:
         """Actor and critic engines (collective, concurrently), then the driver state, written
@@ -198,6 +212,9 @@ def latest_state(run_dir: Path) -> tuple[Path, dict[str, Path]] | None:
 
 
 def finished(run_dir: Path, iterations: int) -> bool:
-    """Did a run in `run_dir` complete all `iterations`?"""
+    """Did a run in `run_dir` complete all `iterations` (or stop early by its selection)?"""
     found = latest_state(run_dir)
-    return found is not None and int(found[0].stem.split("-")[1]) >= iterations
+    if found is None:
+        return False
+    return int(found[0].stem.split("-")[1]) >= iterations or \
+        bool(json.loads(found[0].read_text()).get("stopped_early"))

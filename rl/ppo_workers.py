@@ -19,16 +19,17 @@ import pyarrow as pa
 import torch
 
 from trellis.data_pipeline.rollout import arrow_to_tensors, tensors_to_arrow
+from trellis.data_pipeline.tokenizer import EOS_ID
 from trellis.model.generate import GenerationConfig, generate
 from trellis.model.io import load_module
 from trellis.parallel import dist
 from trellis.parallel.config import OptimConfig, ParallelConfig
 from trellis.parallel.engine_worker import EngineWorker
 from trellis.parallel.rng import keyed_generator, seed_all
-from trellis.rl.experience import Experience, action_slice
+from trellis.rl.experience import Experience, action_slice, with_eos
 from trellis.rl.ppo_config import PPOConfig
-from trellis.rl.ppo_math import (entropy_from_logits, masked_mean, policy_loss, ptx_loss,
-                         token_logprobs, value_loss)
+from trellis.rl.ppo_math import (ensemble_reward, entropy_from_logits, masked_mean,
+                                 policy_loss, ptx_loss, token_logprobs, value_loss)
 
 
 def _timed(rb: pa.RecordBatch, t0: float) -> pa.RecordBatch:
@@ -54,7 +55,7 @@ class _RoleWorker(EngineWorker):
         self.ppo = PPOConfig(**ppo)
         self.seed = seed
         seed_all(seed)
-        model, self.model_cfg, self.meta = load_module(init_dir, head=self.head)
+        model = self._load(init_dir)
         par_cfg = ParallelConfig(**par)
         if optim is not None:  # one optimizer step per minibatch
             mb = rows_per_rank // self.ppo.minibatches
@@ -62,6 +63,34 @@ class _RoleWorker(EngineWorker):
         self._setup(rank, world_size, model, par_cfg,
                     OptimConfig(**optim) if optim is not None else None, total_steps, run_dir,
                     self.model_cfg.max_seq_len, keep_last)
+
+    def _load(self, init_dir: str) -> torch.nn.Module:
+        model, self.model_cfg, self.meta = load_module(init_dir, head=self.head)
+        return model
+
+    def export_weights(self, out_dir: str, extra: dict[str, Any]) -> str:
+        """The current weights as trellis weight files (model/io.py) at out_dir, replaced
+        whole (written beside it, then renamed). Collective under ZeRO-3; rank 0 writes."""
+        import os
+        import shutil
+        from pathlib import Path
+
+        from trellis.model.build import build_model
+        from trellis.model.io import load_full_state_dict, save_module
+        state = self.engine.consolidated_state_dict()
+        if self.rank == 0:
+            out = Path(out_dir)
+            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            module = build_model(self.model_cfg, self.head)
+            load_full_state_dict(module, state, out_dir)
+            save_module(module, self.model_cfg, self.head, tmp, extra)
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        return out_dir
 
     def _action_outputs(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """The model's outputs at the R action columns: (B, R, ...) in float32."""
@@ -190,13 +219,41 @@ class ReferenceWorker(_RoleWorker):
 
 
 class RewardWorker(_RoleWorker):
+    """The reward model, or an ensemble: init_dir plus `members` score every row (B, k) and
+    the reward is their ppo.ensemble_reduce; with `heldout`, the last member is scored but
+    left out of the reward (an independent judge for checkpoint selection)."""
     head = "score"
+    eos_id = EOS_ID
+
+    def __init__(self, *args: Any, members: tuple[str, ...] = (), heldout: bool = False,
+                 **kw: Any):
+        self.members, self.heldout = list(members), heldout
+        super().__init__(*args, **kw)
+
+    def _load(self, init_dir: str) -> torch.nn.Module:
+        from trellis.model.heads import ScoreEnsemble
+        first = super()._load(init_dir)
+        return ScoreEnsemble([first] + [load_module(d, head="score")[0] for d in self.members])
 
     @torch.no_grad()
     def scores(self, seq: pa.RecordBatch) -> pa.RecordBatch:
+        """Scores read at each response's EOS, as the RM was trained; a response cut by
+        max_new_tokens gets an EOS appended (its text is judged, not a mid-answer position)
+        and ppo.missing_eos_penalty subtracted."""
         t0 = time.perf_counter()
-        ids, mask, _ = _sequences(arrow_to_tensors(seq))
-        return _timed(tensors_to_arrow({"scores": self._forward(ids, mask).float().cpu()}), t0)
+        t = arrow_to_tensors(seq)
+        resp, rmask = with_eos(t["response_ids"], t["response_mask"].bool(), self.eos_id)
+        ids, mask, _ = _sequences(t | {"response_ids": resp, "response_mask": rmask})
+        members = self._forward(ids, mask).float().cpu()                # (B, k)
+        out = {}
+        if self.heldout:
+            out["scores_heldout"], members = members[:, -1], members[:, :-1]
+        s = ensemble_reward(members, self.ppo.ensemble_reduce, self.ppo.ensemble_lambda)
+        cut = rmask.sum(1) > t["response_mask"].sum(1)                  # (B,) EOS appended
+        out["scores"] = s - self.ppo.missing_eos_penalty * cut.float()
+        if members.shape[1] > 1:
+            out["scores_std"] = members.std(1, unbiased=False)
+        return _timed(tensors_to_arrow(out), t0)
 
 
 class CriticWorker(_RoleWorker):

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Keys a config class needs before it validates (its __post_init__ requires them).
 REQUIRED = {"sft": ["init_from=runs/pretrain", "data.train=demos.jsonl"],
             "rm": ["init_from=runs/sft", "data.train=comparisons.jsonl"],
-            "ppo": ["actor_init=runs/sft", "reward_init=runs/rm", "prompts=prompts.jsonl"]}
+            "ppo": ["actor_init=runs/sft", "reward_init=runs/rm", "prompts=prompts.jsonl"],
+            "finetune": ["init_from=runs/pretrain", "data.train=rows.jsonl"],
+            "eval": ["model=runs/pretrain", "tasks=[mood.yaml]"]}
 
 
 def accepted_flags(name: str) -> set[str]:
@@ -39,12 +41,13 @@ def test_registry_declares_each_commands_real_flags(name):
     assert accepted_flags(name) == want
     if cmd.config:
         assert isinstance(cmd.config_class(), type)
-    assert cmd.cluster_job == (name in {"ingest", "pretrain", "sft", "rm", "ppo", "pipeline"})
+    assert cmd.cluster_job == (name in {"ingest", "pretrain", "sft", "rm", "ppo", "pipeline",
+                                        "finetune", "eval"})
 
 
 def test_cluster_jobs_view():
     kinds = cluster_jobs()
-    assert set(kinds) == {"ingest", "pretrain", "sft", "rm", "ppo", "pipeline"}
+    assert set(kinds) == {"ingest", "pretrain", "sft", "rm", "ppo", "pipeline", "finetune", "eval"}
     assert kinds["ingest"] == {"config", "set"}
     assert {"max_failures", "no_resume", "local", "run_dir"} <= kinds["pretrain"]
     assert "max_failures" in kinds["ppo"] and "max_failures" in kinds["pipeline"]
@@ -132,7 +135,7 @@ def test_refusal_through_the_installed_cli():
     assert proc.returncode == 1 and not proc.stdout
     assert proc.stderr.strip().splitlines() == [
         "trellis submit: error: job 'export' cannot be submitted: it is not a trellis job that "
-        "runs on a cluster (allowed: ingest, pipeline, ppo, pretrain, rm, sft)"]
+        "runs on a cluster (allowed: eval, finetune, ingest, pipeline, ppo, pretrain, rm, sft)"]
 
 
 def test_version_and_help_need_neither_ray_nor_deepspeed():

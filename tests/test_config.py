@@ -33,7 +33,7 @@ def test_yaml_and_overrides_fill_nested_dataclasses(tmp_path):
     ("model.n_layer=three", "config key 'model.n_layer': expected an integer"),
     ("parallel.offload_params=maybe", "config key 'parallel.offload_params': expected true/false"),
     ("parallel.zero_stage=4", "config key 'parallel.zero_stage': 4 is out of range (allowed: [0, 3])"),
-    ("parallel.precision=fp8", "config key 'parallel.precision': 'fp8' is not allowed (allowed: fp32, bf16, fp16)"),
+    ("parallel.precision=fp8", "config key 'parallel.precision': 'fp8' is not allowed (allowed: fp32, bf16, fp16, auto)"),
     ("model.preset=gpt9", "config key 'model.preset': unknown preset 'gpt9'"),
     ("train.objective=mlm", "needs model.arch=bert"),
 ])

@@ -40,29 +40,34 @@ def corpus_counter(docs: list[list[int]]) -> Counter:
 
 
 def epoch_tokens(stream: TokenStream, B: int, workers: int) -> Counter:
-    """Tokens delivered in one finite epoch, counting each packed token once (a block's last
-    id is the next block's first; the very last one of each consumer is counted here)."""
+    """Tokens delivered in one finite epoch, counting each packed token once: every token is
+    an input once (sequential: a block's last id is the next block's first, so the very last
+    one of each consumer is counted here; shuffled samples wrap around the epoch's sequence)."""
     got, last = Counter(), {}
     for b in batches(stream, B):
         for row, n in zip(b["input_ids"].tolist(), b["num_tokens"].tolist()):
             got.update(row[:n - 1])
             last[b["consumer"]] = row[n - 1]
-    got.update(last.values())
+    if stream.order == "sequential":
+        got.update(last.values())
     assert len(last) == max(1, workers)
     return got
 
 
+@pytest.mark.parametrize("order", ["shuffled", "sequential"])
 @pytest.mark.parametrize("world", [1, 2, 4])
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])
-def test_epoch_covers_corpus_exactly_once(data, world, workers):
+def test_epoch_covers_corpus_exactly_once(data, world, workers, order):
     path, docs = data
-    cfg = DataConfig(seq_len=16, shuffle_buffer=8, loader_workers=workers)
+    cfg = DataConfig(seq_len=16, shuffle_buffer=8, loader_workers=workers, order=order)
     total, seen_docs = Counter(), []
     for rank in range(world):
         got = epoch_tokens(TokenStream(path, cfg, rank, world, infinite=False), 3, workers)
         seen_docs.append(set(got) - {EOS})
         total += got
     assert total == corpus_counter(docs)  # no gaps, no duplicates
+    if order == "shuffled":  # samples, not documents, are dealt: a document may span two
+        return
     for i in range(world):
         for j in range(i + 1, world):
             assert not seen_docs[i] & seen_docs[j], "a document reached two ranks"
@@ -213,3 +218,52 @@ def test_uint32_tokens_for_large_vocab(tmp_path):
     assert m["token_dtype"] == "uint32"
     ids = first_ids(TokenStream(tmp_path, DataConfig(seq_len=4, shuffle=False)), 1, B=1)
     assert ids[0].tolist() == [70_000, 5, EOS, 70_001, 6]
+
+
+def text_dataset(path: Path, text: str) -> None:
+    """`text` as one document of character ids (id = code point + 4, capped), so a row of
+    ids decodes back to the stretch of text it was cut from."""
+    ids = np.minimum(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), 250) + 4
+    make_token_dataset(path, [ids.tolist()], 1, vocab_size=256)
+
+
+def row_offsets(text: str, batch: dict) -> list[int]:
+    """Where each row's inputs start in `text` (its first occurrence)."""
+    rows = (batch["input_ids"][:, :-1] - 4).tolist()
+    capped = "".join(chr(min(ord(c), 250)) for c in text)
+    return [capped.find("".join(map(chr, r))) for r in rows]
+
+
+def test_shuffled_rows_of_a_long_document_come_from_far_apart(tmp_path):
+    """One long document (the embedded pydoc topics, ~465K characters): sequential order cuts
+    a batch from B adjacent stretches; shuffled order from all over it, with block
+    boundaries that move every epoch, and a position of a few integers."""
+    from pydoc_data.topics import topics
+    text = "".join(topics[k] for k in sorted(topics))
+    text_dataset(tmp_path, text)
+    T, B = 64, 8
+    seq = next(TokenStream(tmp_path, DataConfig(seq_len=T, order="sequential")).iter_batches(B))
+    off = row_offsets(text, seq)
+    assert off == [off[0] + r * T for r in range(B)]  # adjacent chunks of one stretch
+    s = TokenStream(tmp_path, DataConfig(seq_len=T))
+    assert s.order == "shuffled"
+    it = s.iter_batches(B)
+    for _ in range(3):
+        off = sorted(row_offsets(text, next(it)))
+        assert min(off) >= 0  # every row is a stretch of the text
+        assert min(b - a for a, b in zip(off, off[1:])) > 4 * T  # no two rows adjacent
+        assert off[-1] - off[0] > len(text) / 4  # spread over the document
+    state = s.state_dict()["workers"][0]
+    assert state == {"epoch": [0], "pos": [3 * B], "counts": [3 * B * T], "step": 3,
+                     "done": False}
+
+    def phase(epoch: int) -> int:  # rows start at s + j*T (s: the epoch's random offset)
+        st = TokenStream(tmp_path, DataConfig(seq_len=T), epoch=epoch)
+        got = Counter(o % T for o in row_offsets(text, next(st.iter_batches(4 * B))))
+        (s0, n), = got.most_common(1)  # (a repeated stretch may be found earlier in the text)
+        assert n >= 3 * B
+        return s0
+    assert phase(0) != phase(1)  # block boundaries moved
+    with pytest.raises(DataStateError, match="order=shuffled but this run has order=sequential"):
+        TokenStream(tmp_path, DataConfig(seq_len=T, order="sequential")).load_state_dict(
+            s.state_dict())

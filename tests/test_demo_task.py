@@ -153,3 +153,16 @@ def test_pretrain_corpus_teaches_format_not_answer(tmp_path):
     assert correct / len(lines) < 0.2  # about 1/n! of lines happen to be sorted
     add = d.write_pretrain_corpus(tmp_path / "add", 200, d.DemoTaskConfig(kind="add"))
     assert all(x.split(" = ")[1].isdigit() for x in add.read_text().splitlines())
+
+
+def test_val_and_eval_prompts_share_no_item_set_with_each_other_or_train(tmp_path):
+    cfg = d.DemoTaskConfig(n_demonstrations=20, n_comparison_prompts=20, n_train_prompts=50,
+                           n_eval_prompts=60, n_val_prompts=60)
+    paths = d.write_demo_data(tmp_path, cfg)
+    sets = {}
+    for name in ("prompts_train", "prompts_val", "prompts_eval"):
+        rows = [json.loads(line)["prompt"] for line in open(paths[name])]
+        assert {d.split_of(p) for p in rows} == {name.split("_")[1]}
+        sets[name] = {frozenset(d.parse(p)[1]) for p in rows}
+    assert not sets["prompts_val"] & sets["prompts_eval"]
+    assert not (sets["prompts_val"] | sets["prompts_eval"]) & sets["prompts_train"]

@@ -49,6 +49,8 @@ def export_weights(weights: str | Path, out: str | Path, tokenizer: str | Path |
     from trellis.model.io import load_module
 
     module, cfg, meta = load_module(weights)
+    if meta["head"] == "seq2seq":  # an encoder-decoder: transformers' MarianMTModel
+        return _export_seq2seq(module, cfg, out, tokenizer)
     if meta["head"] not in ("lm", "mlm"):
         raise ConfigError(f"run dir '{source or weights}' holds a '{meta['head']}' model, which "
                           f"has no Hugging Face architecture; use --format trellis")
@@ -58,6 +60,20 @@ def export_weights(weights: str | Path, out: str | Path, tokenizer: str | Path |
     spm = Tokenizer(tok)  # the special ids the model was trained with
     # No BOS: trellis's data never starts a sequence with it (Tokenizer.encode adds none).
     path = save_hf_pretrained(module, cfg, out, str(tok), bos_id=None, eos_id=spm.eos_id)
+    write_tokenizer_files(tok, path, cfg.max_seq_len, cfg.arch)
+    return path
+
+
+def _export_seq2seq(module, cfg, out: str | Path, tokenizer: str | Path | None) -> Path:
+    """MarianMTModel directory; the decoder starts from BOS, as trellis trains it."""
+    from trellis.model.hf_seq2seq import save_marian_pretrained
+
+    tok = Path(tokenizer) if tokenizer is not None else None
+    if tok is None or not tok.is_file():
+        return save_marian_pretrained(module, cfg, out)
+    spm = Tokenizer(tok)
+    path = save_marian_pretrained(module, cfg, out, str(tok), bos_id=spm.bos_id,
+                                  eos_id=spm.eos_id)
     write_tokenizer_files(tok, path, cfg.max_seq_len, cfg.arch)
     return path
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trellis.data_pipeline.collate import PairCollator, SFTCollator
+from trellis.data_pipeline.collate import PairCollator, ScoreCollator, SFTCollator
 from trellis.data_pipeline.row_stream import RowStream
 from trellis.data_pipeline.structured import StructuredDataset
 from trellis.launcher.config_loader import from_dict
@@ -116,7 +116,8 @@ class RMWorker(_RowWorker):
         n, mb = min(len(ds), max_rows), self.plan.micro_batch
         rows = ds.rows(list(range(self.rank, n, self.world)))
         d = self.cfg.data
-        collate = SFTCollator(max_len=d.max_len, max_prompt_len=d.max_prompt_len)
+        # Scored as in training: prompt + response + EOS, read at the EOS.
+        collate = ScoreCollator(max_len=d.max_len, max_prompt_len=d.max_prompt_len)
         module = self.engine.module
         module.norm_mean.fill_(0.0), module.norm_std.fill_(1.0)
         self.engine.eval()

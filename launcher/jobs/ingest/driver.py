@@ -4,6 +4,7 @@
     trellis ingest corpus/ --out runs/data --tokenizer tok.model --processes 4
     trellis ingest --config ingest.yaml --set shard_tokens=1000000
     trellis ingest prefs.jsonl --kind comparisons --tokenizer tok.model --out runs/rm
+    trellis ingest pairs.jsonl --kind translation --tokenizer tok.model --out runs/mt
     trellis ingest --out runs/data                              # the built-in default corpus
 
 Positional inputs form one source named "default" (use a config for several named
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="output folder (config key out_dir)")
     p.add_argument("--tokenizer", help="SentencePiece .model to use (tokenizer.path)")
     p.add_argument("--kind", choices=["tokens", "demonstrations", "comparisons", "prompts",
-                                      "dialogue"], help="what the inputs hold (default tokens)")
+                                      "dialogue", "translation"],
+                   help="what the inputs hold (default tokens)")
     p.add_argument("--format", choices=["auto", "text", "jsonl", "parquet", "arrow"])
     p.add_argument("--text-mode", choices=["file", "blocks", "lines"],
                    help="plain text: a document per file, blank-line block or line")

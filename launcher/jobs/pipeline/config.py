@@ -8,6 +8,7 @@ from trellis.data_pipeline.tokenizer import TokenizerConfig
 from trellis.model.config import ModelConfig
 from trellis.rl.demo_task import DemoTaskConfig
 from trellis.rl.ppo_config import PPOConfig
+from trellis.rl.selection import SelectionConfig
 
 
 @dataclass
@@ -23,6 +24,14 @@ class StageConfig:
     """Ray workers (data-parallel ranks)."""
     zero_stage: int = field(default=0, metadata={"min": 0, "max": 3})
     """DeepSpeed ZeRO stage."""
+    seq_len: int = field(default=0, metadata={"min": 0})
+    """Tokens per row: pretraining block length; SFT/RM rows (prompt + response); 0 = the
+    pipeline's max_len."""
+    packing: bool = False
+    """Pretraining only: pack lines into full blocks (True) or one task line per row,
+    padded, starting at position 0 as SFT and PPO see them (False). Measured on the sort
+    demo: packed blocks never learn to copy the prompt's words (answer loss stays ln 16 at
+    lr 2e-3, 2000 steps); unpacked rows learn it in ~1000 steps at lr 1e-3."""
 
 
 @dataclass
@@ -37,10 +46,8 @@ class PipelineConfig:
         max_seq_len=64))
     pretrain_lines: int = field(default=20000, metadata={"min": 1})
     """Lines of task-format text (random answers) to pretrain on."""
-    seq_len: int = field(default=64, metadata={"min": 8})
-    """Pretraining block length."""
     max_len: int = field(default=40, metadata={"min": 8})
-    """SFT / RM rows: prompt + response tokens."""
+    """Default row length of every stage (prompt + response tokens)."""
     max_prompt_len: int = field(default=24, metadata={"min": 4})
     """SFT / RM rows: prompt tokens kept."""
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(steps=400, lr=2e-3))
@@ -57,6 +64,20 @@ class PipelineConfig:
     """Worker deaths each training stage recovers from (its train.max_failures)."""
     ppo_iterations: int = field(default=15, metadata={"min": 1})
     """PPO iterations (rollout + PPO epochs); the PPO job's train.steps."""
+    ppo_eval_every: int = field(default=5, metadata={"min": 0})
+    """PPO iterations between evaluations on the validation prompts (gold, RM, KL); the
+    selection picks among them; 0 = start and end only."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Which PPO evaluation is the result ("ppo" in the table; "ppo_last" is the final one)."""
+    rm_ensemble: int = field(default=1, metadata={"min": 1, "max": 8})
+    """Reward models trained (seeds seed, seed+1, ...: head init and data order differ);
+    PPO's reward is their ppo.ensemble_reduce."""
+    rm_heldout: bool = False
+    """Train one more reward model (seed + 100) that PPO never optimises, scored at each
+    evaluation as an independent judge (selection uses it when a task has no gold)."""
+    format_gate: float = field(default=0.5, metadata={"min": 0.0, "max": 1.0})
+    """After pretraining: the share of validation answers that must use exactly the
+    prompt's words, or the pipeline stops with one line (0 = no gate)."""
     ppo_workers: int = field(default=1, metadata={"min": 1})
     """Ray workers per PPO role."""
     placement: Literal["colocate", "separate"] = "colocate"

@@ -19,6 +19,7 @@ from trellis.data_pipeline.tokenizer import TOKENIZER_FILE
 from trellis.launcher.config_loader import ConfigError
 from trellis.launcher.job_flags import add_run_arguments, resolve_config
 from trellis.launcher.jobs.pipeline.config import PipelineConfig
+from trellis.launcher.jobs.pipeline.report import check_format, evaluate, print_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
             raise ConfigError(f"'{meta}' was made with another task config ({made_with}); later "
                               f"stages were trained on it: use a new run_dir")
         paths = {n: task / f"{n}.jsonl" for n in ("demonstrations", "comparisons",
-                                                  "prompts_train", "prompts_eval")}
+                                                  "prompts_train", "prompts_val", "prompts_eval")}
     else:
         paths = write_demo_data(task, cfg.task)
     tok = root / TOKENIZER_FILE
@@ -78,19 +79,29 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
     vocab = Tokenizer(p["tokenizer"]).vocab_size  # SentencePiece may stop below the request
     job = stages.pretrain_config(cfg, dirs["pretrain"], p["pretrain_data"], p["tokenizer"], vocab)
     _run_stage("pretrain", pretrain.is_done(job), pretrain.pretrain, job, local, address)
+    gate = check_format(cfg, dirs["pretrain"], p["tokenizer"], p["prompts_val"]) \
+        if cfg.format_gate > 0 else None
     job = stages.sft_config(cfg, dirs["sft"], dirs["pretrain"], p["demonstrations"])
     _run_stage(f"SFT on {cfg.task.n_demonstrations} demonstrations", finetune.is_done(job),
                finetune.sft, job, local, address)
     comparisons = make_comparisons(cfg, root, dirs["sft"], p)
-    job = stages.rm_config(cfg, dirs["rm"], dirs["sft"], comparisons, p["demonstrations"])
-    _run_stage(f"reward model on {cfg.task.n_comparison_prompts} ranked prompts",
-               finetune.is_done(job), finetune.rm, job, local, address)
+    rms = [dirs["rm"]] + [root / f"rm_{i}" for i in range(1, cfg.rm_ensemble)]
+    heldout = root / "rm_heldout" if cfg.rm_heldout else None
+    for i, rm_dir in enumerate(rms + ([heldout] if heldout else [])):
+        offset = 100 if rm_dir == heldout else i
+        job = stages.rm_config(cfg, rm_dir, dirs["sft"], comparisons, p["demonstrations"], offset)
+        name = "held-out reward model" if rm_dir == heldout else \
+            f"reward model {i + 1} of {cfg.rm_ensemble}" if cfg.rm_ensemble > 1 else "reward model"
+        _run_stage(f"{name} on {cfg.task.n_comparison_prompts} ranked prompts",
+                   finetune.is_done(job), finetune.rm, job, local, address)
     if ppo_stage:
         from trellis.launcher.jobs.ppo import driver as ppo
-        job = stages.ppo_config(cfg, dirs["ppo"], dirs["sft"], dirs["rm"], p["prompts_train"])
+        job = stages.ppo_config(cfg, dirs["ppo"], dirs["sft"], rms, p["prompts_train"],
+                                p["prompts_val"], heldout)
         _run_stage("PPO", ppo.is_done(job), ppo.ppo, job, local, address)
     return dirs | {"task": root / "task", "tokenizer": p["tokenizer"],
-                   "prompts_eval": p["prompts_eval"]}
+                   "prompts_eval": p["prompts_eval"], "prompts_val": p["prompts_val"],
+                   "format_gate": gate}
 
 
 def _run_stage(title: str, done: bool, train: Callable[..., Any], job: Any, local: bool,
@@ -129,64 +140,33 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
     return out
 
 
-def evaluate(cfg: PipelineConfig, dirs: dict[str, Path]) -> dict[str, Any]:
-    """The results table: each policy's held-out task score and RM reward, PPO's KL."""
-    import json as _json
-
-    from trellis.data_pipeline.tokenizer import Tokenizer
-    from trellis.launcher.weights import materialize
-    from trellis.model.io import load_module
-    from trellis.rl.demo_task import mean_score
-    from trellis.rl.policy_eval import kl_to_reference, respond, rm_scores
-
-    root = Path(cfg.run_dir)
-    tok = Tokenizer(dirs["tokenizer"])
-    prompts = [_json.loads(line)["prompt"] for line in
-               open(dirs["prompts_eval"])][:cfg.eval_prompts]
-    load = lambda src, name: load_module(materialize(src, root / "eval" / name))[0]
-    reward = load(dirs["rm"], "rm")
-    sft_policy = load(dirs["sft"], "sft")
-    rows = {}
-    for name, src in (("pretrained", dirs["pretrain"]), ("SFT", dirs["sft"]),
-                      ("PPO", dirs["ppo"] / "actor")):
-        policy = sft_policy if name == "SFT" else load(src, name.lower())
-        resp = respond(policy, tok, prompts, cfg.ppo.max_new_tokens, max_prompt_len=cfg.max_prompt_len)
-        rows[name] = {"task_score": mean_score(prompts, resp),
-                      "exact": mean_score(prompts, resp, exact=True),
-                      "rm_reward": float(rm_scores(reward, tok, prompts, resp).mean()),
-                      "kl_to_sft": kl_to_reference(policy, sft_policy, tok, prompts, resp),
-                      "samples": list(zip(prompts[:cfg.samples_shown], resp[:cfg.samples_shown]))}
-    return rows
-
-
-def print_table(rows: dict[str, Any], n_prompts: int) -> None:
-    print(f"\nheld-out prompts: {n_prompts}")
-    print(f"{'policy':<11} {'task score':>10} {'exact':>7} {'RM reward':>10} {'KL to SFT':>10}")
-    for name, r in rows.items():
-        print(f"{name:<11} {r['task_score']:>10.3f} {r['exact']:>7.1%} {r['rm_reward']:>10.3f} "
-              f"{r['kl_to_sft']:>10.3f}")
-    for name, r in rows.items():
-        print(f"\n{name} answers:")
-        for prompt, resp in r["samples"]:
-            print(f"  {prompt} {resp}")
+def _selected(ppo_dir: Path) -> Path:
+    """The PPO policy the pipeline delivers: the selected iteration's weights (RUN_DIR/best)
+    when the run kept them, else the last checkpoint."""
+    from trellis.launcher.jobs.ppo.driver import BEST
+    return ppo_dir / BEST if (ppo_dir / BEST).is_dir() else ppo_dir / "actor"
 
 
 def pipeline(cfg: PipelineConfig, local: bool = False, address: str | None = None) -> dict:
-    from trellis.launcher.jobs.export.driver import export
+    from trellis.launcher.jobs.export.driver import export, export_weights
+    from trellis.model.io import is_module_dir
     from trellis.launcher.job_flags import cpu_defaults
 
     cpu_defaults()
     t0 = time.perf_counter()
     dirs = run_stages(cfg, local, address)
     out = Path(cfg.run_dir) / "export"
-    if not (out / "model.safetensors").is_file():
-        export(dirs["ppo"] / "actor", out)
-    rows = evaluate(cfg, dirs)
-    print_table(rows, min(cfg.eval_prompts, sum(1 for _ in open(dirs["prompts_eval"]))))
-    print(f"\nexported the PPO policy to {out} (Hugging Face GPT-2 format); "
-          f"pipeline wall time {time.perf_counter() - t0:.0f} s")
-    (Path(cfg.run_dir) / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    return rows
+    policy = _selected(dirs["ppo"])
+    if is_module_dir(policy):  # the selected iteration's weight files
+        export_weights(policy, out, policy / TOKENIZER_FILE, source=policy)
+    else:
+        export(policy, out)
+    res = evaluate(cfg, dirs, dirs["format_gate"])
+    (Path(cfg.run_dir) / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    print_report(res)
+    print(f"exported the PPO policy to {out} (Hugging Face GPT-2 format); pipeline wall "
+          f"time {time.perf_counter() - t0:.0f} s; results in {cfg.run_dir}/results.json")
+    return res
 
 
 def run(args: argparse.Namespace) -> int:

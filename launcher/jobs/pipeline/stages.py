@@ -34,8 +34,9 @@ def _stage(job: Any, s: StageConfig, run_dir: Path, cfg: PipelineConfig) -> Any:
         metrics=replace(job.metrics, port=-1))
 
 
-def _rows(cfg: PipelineConfig, train: Path) -> RowsConfig:
-    return RowsConfig(train=str(train), max_len=cfg.max_len, max_prompt_len=cfg.max_prompt_len)
+def _rows(cfg: PipelineConfig, s: StageConfig, train: Path) -> RowsConfig:
+    return RowsConfig(train=str(train), max_len=s.seq_len or cfg.max_len,
+                      max_prompt_len=cfg.max_prompt_len)
 
 
 def pretrain_config(cfg: PipelineConfig, run_dir: Path, data: Path, tokenizer: Path,
@@ -43,27 +44,37 @@ def pretrain_config(cfg: PipelineConfig, run_dir: Path, data: Path, tokenizer: P
     job = PretrainJobConfig()
     job = replace(job, model=replace(cfg.model, vocab_size=vocab),
                   tokenizer=replace(job.tokenizer, path=str(tokenizer)),
-                  data=replace(job.data, path=str(data), seq_len=cfg.seq_len, val_fraction=0.02),
+                  data=replace(job.data, path=str(data), val_fraction=0.02,
+                               seq_len=cfg.pretrain.seq_len or cfg.max_len,
+                               packing=cfg.pretrain.packing),
                   train=replace(job.train, sample_tokens=0))
     return _checked(_stage(job, cfg.pretrain, run_dir, cfg))
 
 
 def sft_config(cfg: PipelineConfig, run_dir: Path, init: Path,
                demonstrations: Path) -> SFTJobConfig:
-    job = SFTJobConfig(init_from=str(init), data=_rows(cfg, demonstrations))
+    job = SFTJobConfig(init_from=str(init), data=_rows(cfg, cfg.sft, demonstrations))
     return _checked(_stage(job, cfg.sft, run_dir, cfg))
 
 
 def rm_config(cfg: PipelineConfig, run_dir: Path, init: Path, comparisons: Path,
-              demonstrations: Path) -> RMJobConfig:
-    job = RMJobConfig(init_from=str(init), data=_rows(cfg, comparisons),
+              demonstrations: Path, seed_offset: int = 0) -> RMJobConfig:
+    """The reward model; ensemble members and the held-out judge differ by seed_offset (head
+    initialisation and data order)."""
+    job = RMJobConfig(init_from=str(init), data=_rows(cfg, cfg.rm, comparisons),
                       normalize_on=str(demonstrations))
-    return _checked(_stage(job, cfg.rm, run_dir, cfg))
+    job = _stage(job, cfg.rm, run_dir, cfg)
+    seed = cfg.seed + seed_offset
+    return _checked(replace(job, seed=seed, data=replace(job.data, seed=seed)))
 
 
-def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rm: Path,
-               prompts: Path) -> PPOJobConfig:
-    job = PPOJobConfig(actor_init=str(sft), reward_init=str(rm), prompts=str(prompts))
+def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rms: list[Path],
+               prompts: Path, val_prompts: Path, heldout_rm: Path | None = None) -> PPOJobConfig:
+    job = PPOJobConfig(actor_init=str(sft), reward_init=str(rms[0]),
+                       reward_members=[str(r) for r in rms[1:]],
+                       heldout_reward=str(heldout_rm) if heldout_rm else "",
+                       prompts=str(prompts), eval_prompts=str(val_prompts), gold="demo",
+                       selection=cfg.selection)
     w = cfg.ppo_workers
 
     def role(r: Any, lr: float | None = None) -> Any:
@@ -72,8 +83,9 @@ def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rm: Path,
             replace(r, parallel=par, optim=replace(r.optim, lr=lr))
 
     job = replace(job, run_dir=str(run_dir), seed=cfg.seed, placement=cfg.placement,
-                  ppo=cfg.ppo, train=replace(job.train, steps=cfg.ppo_iterations,
-                                               max_failures=cfg.max_failures),
+                  ppo=replace(cfg.ppo, eval_prompts=cfg.task.n_val_prompts),
+                  train=replace(job.train, steps=cfg.ppo_iterations, eval_every=cfg.ppo_eval_every,
+                                max_failures=cfg.max_failures),
                   actor=role(job.actor, cfg.ppo_actor_lr), critic=role(job.critic, cfg.ppo_critic_lr),
                   reference=role(job.reference), reward=role(job.reward),
                   metrics=replace(job.metrics, port=-1))

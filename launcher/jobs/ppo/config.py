@@ -8,6 +8,7 @@ from trellis.cluster.metrics import MetricsConfig
 from trellis.launcher.loop_config import LoopConfig
 from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 from trellis.rl.ppo_config import PPOConfig
+from trellis.rl.selection import SelectionConfig
 
 
 @dataclass
@@ -32,6 +33,12 @@ class PPOJobConfig:
     """The policy to improve: an SFT run dir (or trellis/HF weights)."""
     reward_init: str = ""
     """The reward model: an RM run dir (or trellis weights with a score head)."""
+    reward_members: list[str] = field(default_factory=list)
+    """More reward models (RM run dirs or weights) scored with reward_init as an ensemble;
+    the reward is their ppo.ensemble_reduce."""
+    heldout_reward: str = ""
+    """A reward model scored at evaluation only, never optimised: without a gold scorer,
+    selection by "rm" uses it (an independent judge of over-optimisation)."""
     critic_init: str = ""
     """Critic start (a value head on this trunk); empty = the reward model's trunk."""
     reference_init: str = ""
@@ -40,6 +47,11 @@ class PPOJobConfig:
     """Training prompts: an ingested prompts folder or JSONL {prompt} files."""
     eval_prompts: str = ""
     """Held-out prompts for evaluation (same forms); empty = none."""
+    gold: Literal["", "demo"] = ""
+    """The task's own scorer, where there is one ("demo": the embedded demo's rule): every
+    evaluation then reports gold next to the RM score and KL, and selection can use it."""
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    """Which evaluated iteration is the result (RUN_DIR/best), and early stopping."""
     placement: Literal["colocate", "separate"] = "separate"
     """colocate: rank r of every role shares one placement-group bundle (same devices,
     fractional shares); separate: each role its own placement group."""

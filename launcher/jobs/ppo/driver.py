@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, copy_tokenizer
 from trellis.launcher.config_loader import ConfigError, dump_yaml
 from trellis.launcher.job_flags import add_run_arguments, cpu_defaults, resolve_config
 from trellis.launcher.jobs.ppo.config import PPOJobConfig
+
+
+EVALS, BEST = "evals.jsonl", "best"  # the held-out curve; the selected actor's weights
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +25,12 @@ def _weights(cfg: PPOJobConfig, run_dir: Path) -> dict[str, Path]:
     from trellis.launcher.weights import materialize
     actor = materialize(cfg.actor_init, run_dir / "init" / "actor")
     reward = materialize(cfg.reward_init, run_dir / "init" / "reward")
-    return {"actor": actor, "reward": reward,
+    # Further reward models: ensemble members, then the held-out judge (scored last).
+    extra = [materialize(m, run_dir / "init" / f"reward_member_{i}")
+             for i, m in enumerate(cfg.reward_members)]
+    if cfg.heldout_reward:
+        extra.append(materialize(cfg.heldout_reward, run_dir / "init" / "reward_heldout"))
+    return {"actor": actor, "reward": reward, "reward_extra": extra,
             "reference": materialize(cfg.reference_init, run_dir / "init" / "reference")
             if cfg.reference_init else actor,
             "critic": materialize(cfg.critic_init, run_dir / "init" / "critic")
@@ -30,7 +39,8 @@ def _weights(cfg: PPOJobConfig, run_dir: Path) -> dict[str, Path]:
 
 def _tokenizer(weights: dict[str, Path]) -> Any:
     from trellis.data_pipeline.tokenizer import Tokenizer
-    files = {r: w / TOKENIZER_FILE for r, w in weights.items()}
+    files = {r: w / TOKENIZER_FILE for r, w in weights.items() if r != "reward_extra"}
+    files |= {f"reward model {w}": w / TOKENIZER_FILE for w in weights["reward_extra"]}
     missing = [f"{r} ({f.parent})" for r, f in files.items() if not f.is_file()]
     if missing:
         raise ConfigError(f"no tokenizer.model with the weights of {', '.join(missing)}")
@@ -73,6 +83,9 @@ def _role_specs(cfg: PPOJobConfig, weights: dict[str, Path], run_dir: Path) -> d
               "keep_last": cfg.checkpoint.keep_last}
         if role == "actor" and p.ptx_coef > 0:
             kw["ptx_dir"] = p.ptx_data
+        if role == "reward":
+            kw["members"] = [str(w) for w in weights["reward_extra"]]
+            kw["heldout"] = bool(cfg.heldout_reward)
         specs[role] = RoleSpec(WORKERS[role], rc.parallel, kw)
     return specs
 
@@ -93,6 +106,7 @@ class PPOSession:
         self.trainer = PPOTrainer(cfg, self.groups, prep["prompts"], prep["eval"],
                                   prep["run_dir"], prep["tokenizer"])
         self.start_eval: dict[str, Any] = {}
+        self.prep = prep
 
     def start(self) -> int:
         resumed = self.resume and self.trainer.resume()
@@ -103,8 +117,12 @@ class PPOSession:
               f"placement {self.cfg.placement}"
               + (f"; resumed at iteration {self.trainer.iteration}" if resumed else ""),
               flush=True)
-        if not resumed:
+        if not resumed:  # a fresh run: no curve or selection of an earlier one survives
+            import shutil
+            (self.prep["run_dir"] / EVALS).unlink(missing_ok=True)
+            shutil.rmtree(self.prep["run_dir"] / BEST, ignore_errors=True)
             self.start_eval = self.trainer.evaluate()
+            self._consider(0, self.start_eval)
         return self.trainer.iteration
 
     def train_step(self, step: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -117,14 +135,44 @@ class PPOSession:
                 f"len {r['response_length']:.1f} {r['samples_per_second']:.1f} samples/s")
 
     def evaluate(self, step: int) -> dict[str, float]:
-        ev = self.trainer.evaluate()
-        return {"reward_mean": ev["reward_mean"], "kl": ev["kl_mean"]} if ev else {}
+        return self._consider(step, self.trainer.evaluate())
+
+    def _consider(self, step: int, ev: dict[str, Any]) -> dict[str, float]:
+        """Log one held-out evaluation (RUN_DIR/evals.jsonl: the gold/RM/KL curve) and keep
+        the actor's weights when it is the selection's new best (RUN_DIR/best)."""
+        if not ev:
+            return {}
+        row = {"iteration": step, "rm": ev["reward_mean"], "kl": ev["kl_mean"],
+               **{k: ev[k] for k in ("gold", "exact", "rm_heldout") if k in ev}}
+        with open(self.prep["run_dir"] / EVALS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        t = self.trainer
+        if t.selector.update(step, row):
+            best = self.prep["run_dir"] / BEST
+            self.groups.actor.call("export_weights", str(best),
+                                   {"source": str(self.prep["run_dir"]), "iteration": step,
+                                    "criterion": t.selector.key, "evaluation": row})
+            copy_tokenizer(self.prep["tokenizer"].path, best)
+        t.stopped_early = t.selector.should_stop()
+        return {k: v for k, v in row.items() if k != "iteration"} | \
+            {"best_iteration": t.selector.best_iteration}
+
+    def should_stop(self) -> str | None:
+        s = self.trainer.selector
+        if self.trainer.stopped_early:
+            return (f"no better {s.key} on held-out prompts in {s.cfg.patience} evaluations "
+                    f"(best: iteration {s.best_iteration}, {s.best_value:.4f})")
+        return None
 
     def save(self, step: int) -> None:
         self.trainer.save()
 
     def finish(self, last: dict[str, Any]) -> dict[str, Any]:
-        return {"start_eval": self.start_eval, "end_eval": self.trainer.evaluate(),
+        end = self.trainer.evaluate()
+        if not self.trainer.stopped_early:  # an early stop's last evaluation was this step's
+            self._consider(self.trainer.iteration, end)
+        return {"start_eval": self.start_eval, "end_eval": end,
+                "best": self.trainer.selector.state_dict(),
                 "last": last, "iteration": self.trainer.iteration,
                 "info": {r: g.call("info") for r, g in self.groups.items()}}
 

@@ -10,6 +10,7 @@ from trellis.data_pipeline.config import DataConfig
 from trellis.data_pipeline.tokenizer import TokenizerConfig
 from trellis.launcher.loop_config import LoopConfig
 from trellis.model.config import ModelConfig
+from trellis.model.seq2seq_generate import TranslateConfig
 from trellis.parallel.config import CheckpointConfig, OptimConfig, ParallelConfig
 
 
@@ -29,12 +30,18 @@ class DistillConfig:
 
 @dataclass
 class TrainConfig(LoopConfig):
-    objective: Literal["clm", "mlm", "distill"] = "clm"
-    """clm: GPT next-token; mlm: BERT masked LM (RoBERTa recipe); distill: DistilBERT student."""
+    objective: Literal["clm", "mlm", "distill", "seq2seq"] = "clm"
+    """clm: GPT next-token; mlm: BERT masked LM (RoBERTa recipe); distill: DistilBERT student;
+    seq2seq: encoder-decoder translation on {source, target} pairs (data.path; without one,
+    a generated language pair, data_pipeline/translation_pair.py)."""
     sample_tokens: int = field(default=48, metadata={"min": 0})
     """Tokens generated as a sample at the end (GPT only); 0 = none."""
     mask_prob: float = field(default=0.15, metadata={"min": 0.0, "max": 1.0})
     """MLM: fraction of non-special tokens chosen per batch."""
+    bleu_pairs: int = field(default=200, metadata={"min": 0})
+    """seq2seq: held-out pairs translated at each evaluation for BLEU and chrF; 0 = loss only."""
+    sample_translations: int = field(default=5, metadata={"min": 0})
+    """seq2seq: held-out pairs whose translations are printed at the end."""
 
 
 @dataclass
@@ -52,11 +59,17 @@ class PretrainJobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
+    """seq2seq: how held-out sources are translated (greedy or beam) for BLEU/chrF."""
 
     def __post_init__(self) -> None:
-        want = "gpt" if self.train.objective == "clm" else "bert"
+        want = {"clm": "gpt", "seq2seq": "seq2seq"}.get(self.train.objective, "bert")
         if self.model.arch != want:
             raise ValueError(f"train.objective={self.train.objective} needs model.arch={want}, "
                              f"got {self.model.arch}")
         if self.train.objective == "distill" and not self.distill.teacher:
             raise ValueError("train.objective=distill needs distill.teacher (a directory)")
+        if self.train.objective == "seq2seq":
+            if self.data.seq_len > self.model.max_seq_len:
+                raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                                 f"{self.model.max_seq_len} (the longest source or target)")

@@ -34,6 +34,9 @@ def is_done(cfg: Any) -> bool:
 
 def pretrain_spec(cfg: PretrainJobConfig) -> Any:
     """Prepare the run dir (data, tokenizer, teacher, config) and describe the workers."""
+    if cfg.train.objective == "seq2seq":  # translation pairs, an encoder-decoder
+        from trellis.launcher.jobs.pretrain.seq2seq import seq2seq_spec
+        return seq2seq_spec(cfg)
     from trellis.launcher.jobs.pretrain.data import prepare_data
     from trellis.launcher.weights import materialize, write_run_model
     from trellis.launcher.driver_loop import LoopSpec

@@ -22,6 +22,14 @@ from trellis.parallel.engine_worker import EngineWorker
 from trellis.parallel.rng import seed_all
 
 
+def _mask_or_none(batch: dict[str, torch.Tensor], dev: torch.device) -> torch.Tensor | None:
+    """The batch's attention mask on `dev`, or None when it has no padding (packed blocks,
+    all but the end of a finite epoch), so attention takes SDPA's causal kernel instead of an
+    explicit (B, 1, T, T) mask. Checked on the host copy: no device sync."""
+    mask = batch["attention_mask"]
+    return None if bool(mask.all()) else mask.to(dev)
+
+
 class PretrainWorker(EngineWorker):
     def __init__(self, rank: int, world_size: int, cfg: dict, data_dir: str,
                  val_dir: str | None, run_dir: str, tokenizer_sha256: str | None = None,
@@ -77,11 +85,11 @@ class PretrainWorker(EngineWorker):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.engine.device
-        ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-        labels = batch["labels"].to(dev)
+        ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
         if self.teacher is None:
-            logits = self.engine.forward(ids, attention_mask=mask)  # (B, T, V)
-            return token_cross_entropy(logits, labels), {}
+            logits = self.engine.forward(ids, attention_mask=_mask_or_none(batch, dev))
+            return token_cross_entropy(logits, labels), {}  # logits (B, T, V)
+        mask = batch["attention_mask"].to(dev)
         module = self.engine.module
         with torch.no_grad():
             t_hidden = self.teacher.hidden_states(ids, attention_mask=mask)  # (B, T, C)
@@ -127,8 +135,8 @@ class PretrainWorker(EngineWorker):
         total, n = 0.0, 0
         for batch in self._val_blocks():
             batch = self.mlm(batch) if self.mlm is not None else clm_collate(batch)
-            ids, mask = batch["input_ids"].to(self.engine.device), batch["attention_mask"]
-            logits = self.engine.forward(ids, attention_mask=mask.to(ids.device))
+            ids = batch["input_ids"].to(self.engine.device)
+            logits = self.engine.forward(ids, attention_mask=_mask_or_none(batch, ids.device))
             total += token_cross_entropy(logits, batch["labels"].to(ids.device)).item()
             n += 1
         loss = dist.all_reduce_mean(total / n)
