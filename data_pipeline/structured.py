@@ -114,7 +114,9 @@ def convert(kind: str, row: dict, tok: Tokenizer, where: str = "") -> dict:
         return {"source": s, "target": t, "source_ids": tok.encode(s),
                 "target_ids": tok.encode(t), "where": where}
     if kind == "prompts":
-        p = _text(row, "prompt")
+        # A dialogue comparison row ({chosen, rejected}, HH-RLHF) gives its shared prompt.
+        p = _text(row, "prompt") if "prompt" in row or "chosen" not in row \
+            else split_dialogue(row["chosen"])[0]
         return {"prompt": p, "prompt_ids": tok.encode(p)}
     if kind == "demonstrations":
         p, r = _text(row, "prompt"), _text(row, "response")

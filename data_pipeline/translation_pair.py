@@ -1,8 +1,8 @@
 """A generated language pair for translation demos and tests: English-like sentences and their
 translation into a made-up language that differs the way real pairs do.
 
-    source:  the big dog sees a small cat near the house
-    target:  ta vorku mesta ena kilpe lomi sa dunu pe vidat
+    source:  the young dogs watch the dark quiet book
+    target:  me pesuir benoai va diku lafoa buvua muraont
 
 Rules (a fixed seed makes the same lexicon and sentences everywhere):
 

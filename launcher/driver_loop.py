@@ -97,7 +97,7 @@ def run_loop(open_session: Callable[[bool], Session], loop: LoopConfig, ckpt: Ch
                 return _run(session, loop, ckpt, metrics, stop, log) \
                     | {"recoveries": failures, "recovery_log": log}
             except PlacementError as e:
-                raise SystemExit(f"trellis {session.name if session else 'job'}: {e}") from None
+                raise SystemExit(f"trellis: {e}") from None
             except WorkerDied as e:
                 failures += 1
                 log.append({"error": str(e), "failed_at": time.time()})

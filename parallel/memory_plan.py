@@ -6,18 +6,19 @@ P parameters, N ranks of the role, w bytes per element of the compute precision 
 2 bf16/fp16), L the largest layer's parameters. Model states held by one rank, as
 DeepSpeed 0.19's engines allocate them (trellis's AdamW keeps exp_avg and exp_avg_sq in fp32):
 
-  stage  params      grads                    optimizer (fp32 master + 2 moments)  at the step
-  0      wP          wP                       8P (+4P master when w < 4)            -
-  1, 2   wP          wP/N (stage 1 with       12P/N (a master copy even in fp32)    +4P/N fp32
-                     grad_accum > 1: wP)                                            grad partition
-  3      wP/N        wP/N                     8P/N (+4P/N master when w < 4)        +4*min(P/N, 1e9)
-                                                                                    (mixed) +2wL gathered
+  stage  params  grads                 optimizer (fp32 master + 2 moments)  at the step
+  0      wP      wP                    8P, +4P master when w < 4            -
+  1, 2   wP      wP/N (stage 1 with    12P/N (a master copy even in fp32)   +4P/N (fp32 grad
+                 grad_accum > 1: wP)                                         partition)
+  3      wP/N    wP/N                  8P/N, +4P/N master when w < 4 (and   +4*min(P/N, 1e9) when
+                                       on CPU ranks: 'cpu' != 'cpu:0')      w < 4; +2wL gathered
   frozen (reference, reward: no optimizer, ZeRO-3 or 0): wP/N or wP; +wL gathered at ZeRO-3.
-  ZeRO-3 persistence threshold t: parameters with fewer than t elements stay whole on every rank.
-  offload_optimizer: optimizer state and the fp32 gradient partition live in host memory
-  (the GPU keeps parameters and communication buckets); offload_params: the parameter
-  partition too. Host memory per rank is at least the fp32 model each rank builds before
-  the engine takes it (4P; ZeRO-3 builds layer by layer: 4L). Where DeepSpeed has an estimator (mixed precision, ZeRO-2 and ZeRO-3,
+  ZeRO-3 persistence threshold t: parameters with fewer than t elements stay whole on every
+  rank. offload_optimizer: optimizer state and the fp32 gradient partition live in host
+  memory (the GPU keeps parameters and communication buckets); offload_params: the parameter
+  partition too. Host memory per rank is at least the fp32 model each rank builds before the
+  engine takes it (4P; ZeRO-3 builds layer by layer: 4L). Where DeepSpeed has an estimator
+  (mixed precision, ZeRO-2 and ZeRO-3,
   `estimate_zero{2,3}_model_states_mem_needs`) its per-GPU figure is reported beside ours and
   the larger is planned with; its host figure (which includes its 1.5x buffer factor) likewise.
 
@@ -39,6 +40,7 @@ elements each in the compute precision.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -81,8 +83,11 @@ class RoleMemory:
     step_extra: int
     """Transient at the optimizer step (fp32 gradient partition, ZeRO-3's gathered layer)."""
     activations: int
-    """Training activations of one micro-batch, or a forward's working set."""
+    """Training activations of one micro-batch, or a scoring forward's working set."""
     kv_cache: int
+    """Generation's KV cache."""
+    prefill: int
+    """Generation's prompt forward (its working set, beside the KV cache)."""
     buffers: int
     host: int
     """Host (CPU) memory of this rank: offloaded states."""
@@ -100,10 +105,19 @@ class RoleMemory:
     @property
     def peak(self) -> int:
         """Per-GPU peak: model states at their step peak (never below DeepSpeed's estimate),
-        the larger of activations and KV cache (generation and training take turns),
-        buffers."""
+        the larger of activations and generation (KV cache + prefill; the phases take
+        turns), buffers."""
         states = max(self.model_states + self.step_extra, self.deepspeed_gpu or 0)
-        return states + max(self.activations, self.kv_cache) + self.buffers
+        return states + max(self.activations, self.kv_cache + self.prefill) + self.buffers
+
+
+def planned_precision(precision: str, on_cpu: bool) -> str:
+    """'auto' as a cluster's ranks would resolve it: bf16 on GPUs (Ampere and later), on CPU
+    ranks what this machine's CPU supports (parallel/precision.py)."""
+    if precision != "auto":
+        return precision
+    from trellis.parallel.precision import resolve_precision
+    return resolve_precision("auto") if on_cpu else "bf16"
 
 
 def engine_stage(par: ParallelConfig, trainable: bool) -> int:
@@ -111,10 +125,12 @@ def engine_stage(par: ParallelConfig, trainable: bool) -> int:
     return par.zero_stage if trainable else (3 if par.zero_stage == 3 else 0)
 
 
-def model_states(shape: ModelShape, par: ParallelConfig, trainable: bool
+def model_states(shape: ModelShape, par: ParallelConfig, trainable: bool, on_cpu: bool = False
                  ) -> tuple[int, int, int, int, int]:
-    """(params, grads, optimizer, step_extra, host) bytes of one rank; see the module doc."""
-    P, N, w = shape.params, par.num_workers, BYTES[par.precision]
+    """(params, grads, optimizer, step_extra, host) bytes of one rank; see the module doc.
+    `on_cpu`: CPU ranks, where fp32 ZeRO-3 keeps a master copy too (DeepSpeed shares the
+    parameters' flat buffer only when its device equals the engine's; 'cpu' != 'cpu:0')."""
+    P, N, w = shape.params, par.num_workers, BYTES[planned_precision(par.precision, on_cpu)]
     mixed, stage = w < 4, engine_stage(par, trainable)
     keep = sum(n for n in shape.param_sizes if n < par.zero3_persistence_threshold)
     part = (P - keep) / N + keep if stage == 3 else P  # parameter elements on this rank
@@ -128,7 +144,7 @@ def model_states(shape: ModelShape, par: ParallelConfig, trainable: bool
         grads = w * P if stage == 1 and par.grad_accum > 1 else w * P / N
         opt, extra = 12 * P / N, 4 * P / N
     else:
-        grads, opt = w * P / N, (12 if mixed else 8) * P / N
+        grads, opt = w * P / N, (12 if mixed or on_cpu else 8) * P / N
         extra = (4 * min(P / N, ZERO3_SUB_GROUP) if mixed else 0.0) + gathered
     # Each rank builds the model in fp32 on the host before the engine takes it (ZeRO-3:
     # layer by layer, under zero.Init); offloaded states stay there.
@@ -200,18 +216,17 @@ def kv_cache_bytes(shape: ModelShape, batch: int, length: int, w: int) -> int:
 def role_memory(role: str, shape: ModelShape, par: ParallelConfig, trainable: bool,
                 work: Workload, gpus_per_node: int) -> RoleMemory:
     """One rank of `role` (par.num_workers ranks), bytes; see the module doc."""
+    par = dataclasses.replace(par, precision=planned_precision(par.precision, not gpus_per_node))
     w = BYTES[par.precision]
-    params, grads, opt, extra, host = model_states(shape, par, trainable)
+    params, grads, opt, extra, host = model_states(shape, par, trainable, not gpus_per_node)
     stage = engine_stage(par, trainable)
     acts = max(activation_bytes(shape, work.train_batch if trainable else 0, work.seq_len, w,
                                 par.activation_checkpointing, True, work.lm_head),
                activation_bytes(shape, work.score_batch, work.seq_len, w, False, False,
                                 work.lm_head))
-    kv = 0
-    if work.gen_batch:
-        kv = kv_cache_bytes(shape, work.gen_batch, work.gen_len, w) + activation_bytes(
-            shape, work.gen_batch, work.prompt_len, w, False, False, True)
+    kv = kv_cache_bytes(shape, work.gen_batch, work.gen_len, w)
+    prefill = activation_bytes(shape, work.gen_batch, work.prompt_len, w, False, False, True)
     buffers = 0 if stage == 0 else par.bucket_elements * w * (2 if stage == 3 else 1)
     ds = deepspeed_estimate(shape, par, trainable, gpus_per_node)
-    return RoleMemory(role, par.num_workers, stage, params, grads, opt, extra, acts, kv,
+    return RoleMemory(role, par.num_workers, stage, params, grads, opt, extra, acts, kv, prefill,
                       buffers, host, ds[0] if ds else None, ds[1] if ds else None)

@@ -214,7 +214,7 @@ class WorkerGroup:
 
     def _place(self, ray: Any, bundle: dict, timeout_s: float) -> None:
         wait_placed(self._pg, f"group '{self.role}': placement group of {self.world_size} x "
-                              f"{bundle} ({self._pg.bundle_specs[0]})", timeout_s)
+                              f"{bundle}", timeout_s)
 
     def _start(self, worker_cls: type | str, par: ParallelConfig, kwargs: dict,
                env: dict[str, str] | None, timeout_s: float) -> None:

@@ -185,3 +185,47 @@ def make_experience(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
              "returns_mean": float(masked_mean(returns, m)),
              "values_mean": float(masked_mean(values.float(), m))}
     return exp, stats
+
+
+@torch.no_grad()
+def make_critic_free_experience(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                                response_ids: torch.Tensor, response_mask: torch.Tensor,
+                                logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                                scores: torch.Tensor, algorithm: str, group_size: int,
+                                beta: float, kl_in_reward: bool, gamma: float = 1.0,
+                                kl_kind: KLKind = "k1", score_clip: float | None = None,
+                                scale_by_std: bool = True, eps: float = 1e-6
+                                ) -> tuple[Experience, dict[str, float]]:
+    """Rollout results -> Experience without a critic (values 0). Rows are groups of
+    `group_size` responses per prompt (rl.advantages).
+
+    grpo / rloo: the sequence reward R = clipped score - beta * summed KL (the KL term only
+    when kl_in_reward) goes through the group estimator; every token gets its response's
+    advantage; returns = advantages. reinforce_pp: r_t = -beta KL_t (+ clipped score at the
+    last token), discounted returns whitened over the batch. Stats as make_experience's, plus
+    the group diagnostics."""
+    from trellis.rl.advantages import (grpo_advantages, group_stats, per_token,
+                                       reinforce_pp_advantages, rloo_advantages)
+    m = response_mask
+    rewards, kl = shaped_rewards(scores, logprobs, ref_logprobs, m,
+                                 beta if kl_in_reward else 0.0, kl_kind, score_clip)
+    if algorithm == "reinforce_pp":
+        adv, returns = reinforce_pp_advantages(rewards, m, gamma)
+        seq_reward = rewards.sum(1)
+    elif algorithm in ("grpo", "rloo"):
+        seq_reward = rewards.sum(1)  # (B,) clipped score - beta * summed KL
+        seq_adv = grpo_advantages(seq_reward, group_size, scale_by_std, eps) \
+            if algorithm == "grpo" else rloo_advantages(seq_reward, group_size)
+        adv = per_token(seq_adv, m)
+        returns = adv
+    else:
+        raise ValueError(f"no critic-free estimator {algorithm!r} (grpo, rloo, reinforce_pp)")
+    values = torch.zeros_like(adv)
+    exp = Experience(prompt_ids, prompt_mask, response_ids, response_mask, logprobs.float(),
+                     ref_logprobs.float(), values, rewards, adv, returns, scores.float())
+    stats = {"kl": float(kl.sum(1).mean()), "score": float(scores.float().mean()),
+             "reward": float(seq_reward.mean()),
+             "response_length": float(m.float().sum(1).mean()),
+             "returns_mean": float(masked_mean(returns, m)),
+             "advantage_abs_mean": float(masked_mean(adv.abs(), m))}
+    return exp, stats | group_stats(seq_reward, group_size)

@@ -8,8 +8,29 @@ from typing import Literal
 
 @dataclass
 class PPOConfig:
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
+    """Advantage estimator (rl/advantages.py); all share generation, scoring, the KL
+    machinery, the clipped ratio, checkpoints and recovery. ppo: critic + GAE; grpo:
+    group-normalised rewards; rloo: leave-one-out baseline; reinforce_pp: returns of
+    KL-shaped token rewards whitened over the batch. Only ppo starts a critic group."""
+    group_size: int = field(default=1, metadata={"min": 1, "max": 256})
+    """Responses sampled per prompt (G); grpo and rloo need >= 2. Rollout rows per iteration
+    = prompts_per_iteration * group_size."""
+    grpo_variant: Literal["grpo", "dr_grpo"] = "grpo"
+    """grpo: (r - mean) / (std + adv_eps) per group; dr_grpo: r - mean (no std) and, with
+    loss_agg=auto, no length normalisation (Liu et al. 2025)."""
+    adv_eps: float = field(default=1e-6, metadata={"min": 0.0})
+    """GRPO's epsilon under the group std."""
+    kl_in: Literal["auto", "reward", "loss"] = "auto"
+    """Where beta * KL to the reference acts: the reward (InstructGPT; auto for ppo, rloo,
+    reinforce_pp) or a loss term on the policy (auto for grpo, with kl_loss_kind)."""
+    kl_loss_kind: Literal["k1", "k2", "k3"] = "k3"
+    """Per-token KL estimate of the loss term (kl_in=loss); k3 as GRPO."""
+    loss_agg: Literal["auto", "token_mean", "seq_mean", "seq_sum_norm"] = "auto"
+    """Policy-loss reduction (ppo_math.aggregate): auto = token_mean, or seq_sum_norm for
+    dr_grpo; seq_mean is DeepSeekMath's 1/|o_i| per response."""
     prompts_per_iteration: int = field(default=32, metadata={"min": 1})
-    """Prompts sampled per iteration (one response each), across all actor ranks."""
+    """Prompts sampled per iteration (group_size responses each), across all actor ranks."""
     ppo_epochs: int = field(default=2, metadata={"min": 1})
     """Passes over each rollout batch."""
     minibatches: int = field(default=2, metadata={"min": 1})
@@ -57,7 +78,10 @@ class PPOConfig:
     top_p: float = field(default=1.0, metadata={"min": 0.0, "max": 1.0})
     """Rollout nucleus (1 = off)."""
     max_prompt_len: int = field(default=32, metadata={"min": 1})
-    """Prompts longer than this are an error, not silently cut."""
+    """Prompt tokens kept; a longer prompt is an error unless long_prompts says otherwise."""
+    long_prompts: Literal["error", "truncate_left"] = "error"
+    """A prompt over max_prompt_len: an error naming the row, or cut from the left (a
+    conversation keeps its latest turns), the number of cut prompts printed."""
     eval_prompts: int = field(default=64, metadata={"min": 0})
     """Held-out prompts scored (greedy) at the start, every train.eval_every iterations and
     at the end; 0 = none."""
@@ -65,3 +89,30 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ValueError("ptx_coef > 0 needs ptx_data (an ingested token folder)")
+        if self.algorithm in ("grpo", "rloo") and self.group_size < 2:
+            raise ValueError(f"algorithm {self.algorithm} needs group_size >= 2 (responses per "
+                             f"prompt to compare), got {self.group_size}")
+
+    # -- what the algorithm implies ----------------------------------------------------------
+    @property
+    def has_critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    @property
+    def rollout_rows(self) -> int:
+        """Responses per iteration: prompts_per_iteration * group_size."""
+        return self.prompts_per_iteration * self.group_size
+
+    @property
+    def kl_placement(self) -> str:
+        """'reward' or 'loss' (kl_in resolved)."""
+        if self.kl_in != "auto":
+            return self.kl_in
+        return "loss" if self.algorithm == "grpo" else "reward"
+
+    @property
+    def policy_loss_agg(self) -> str:
+        if self.loss_agg != "auto":
+            return self.loss_agg
+        return "seq_sum_norm" if self.algorithm == "grpo" and self.grpo_variant == "dr_grpo" \
+            else "token_mean"

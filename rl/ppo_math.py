@@ -169,14 +169,36 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 # -- losses ----------------------------------------------------------------------------------
+LossAgg = Literal["token_mean", "seq_mean", "seq_sum_norm"]
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, agg: LossAgg = "token_mean") -> torch.Tensor:
+    """A per-token loss (B, T) -> scalar:
+
+    token_mean    mean over all real tokens of the batch (every token weighs the same)
+    seq_mean      mean over rows of each row's token mean (GRPO's 1/|o_i|: short answers
+                  weigh more per token)
+    seq_sum_norm  sum over real tokens / (B * T), T = the response cap (Dr. GRPO: no
+                  length normalisation, a constant instead)
+    """
+    if agg == "token_mean":
+        return masked_mean(x, mask)
+    if agg == "seq_mean":
+        return masked_mean(x, mask, dim=1).mean()
+    if agg == "seq_sum_norm":
+        return _zeros_outside(x, mask).sum() / (mask.shape[0] * mask.shape[1])
+    raise ValueError(f"loss aggregation must be token_mean, seq_mean or seq_sum_norm, not {agg!r}")
+
+
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_eps: float = 0.2
+                mask: torch.Tensor, clip_eps: float = 0.2, agg: LossAgg = "token_mean"
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7) as a loss to minimise:
 
     -mean_t min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t),  rho_t = exp(logp - old_logp)
 
-    averaged over all real tokens of the batch. Where the clipped term is the smaller one
+    averaged over all real tokens of the batch (or as `agg` says, see ``aggregate``).
+    Where the clipped term is the smaller one
     the gradient is exactly zero. Stats: clip_fraction (share of tokens where it is),
     approx_kl = k3 estimate of KL(old || new) = mean((rho - 1) - log rho), ratio_mean/max.
     """
@@ -185,7 +207,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     adv = _zeros_outside(advantages.float().detach(), mask)
     surr = ratio * adv
     surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
-    loss = -masked_mean(torch.min(surr, surr_clipped), mask)
+    loss = -aggregate(torch.min(surr, surr_clipped), mask, agg)
     with torch.no_grad():
         stats = {
             "policy_loss": float(loss),
@@ -226,6 +248,17 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
                  "values_mean": float(masked_mean(v, mask)),
                  "returns_mean": float(masked_mean(ret, mask))}
     return loss, stats
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+            kind: KLKind = "k3", agg: LossAgg = "token_mean", clamp: float = 10.0
+            ) -> torch.Tensor:
+    """KL(pi || ref) as a loss term on the current policy's log-probs (GRPO: beta times this
+    is added to the policy loss instead of shaping the reward). The per-token estimate is
+    clamped to [-clamp, clamp] (as veRL's low_var_kl) so one token far from the reference
+    cannot dominate a step."""
+    kl = kl_penalty(logp, ref_logp.detach(), kind).clamp(-clamp, clamp)
+    return aggregate(kl, mask, agg)
 
 
 def ptx_loss(lm_loss: torch.Tensor, coef: float) -> torch.Tensor:

@@ -28,7 +28,7 @@ from trellis.parallel.engine_worker import EngineWorker
 from trellis.parallel.rng import keyed_generator, seed_all
 from trellis.rl.experience import Experience, action_slice, with_eos
 from trellis.rl.ppo_config import PPOConfig
-from trellis.rl.ppo_math import (ensemble_reward, entropy_from_logits, masked_mean,
+from trellis.rl.ppo_math import (ensemble_reward, entropy_from_logits, kl_loss, masked_mean,
                                  policy_loss, ptx_loss, token_logprobs, value_loss)
 
 
@@ -183,13 +183,22 @@ class ActorWorker(_RoleWorker):
         lp = self._logprobs(arrow_to_tensors(seq))[0].cpu()
         return tensors_to_arrow({"logprobs": lp})
 
-    def train(self, exp_rb: pa.RecordBatch, iteration: int) -> dict[str, float]:
+    def train(self, exp_rb: pa.RecordBatch, iteration: int, kl_coef: float = 0.0
+              ) -> dict[str, float]:
+        """ppo_epochs of the clipped policy loss (+ ptx); with kl_coef > 0 (GRPO's KL in the
+        loss) plus kl_coef * the KL to the reference's log-probs of the rollout."""
+        agg = self.ppo.policy_loss_agg
+
         def minibatch_loss(mb: Experience, seq: dict) -> tuple[torch.Tensor, dict[str, float]]:
             logp, logits = self._logprobs(seq)
             loss, s = policy_loss(logp, mb.logprobs, mb.advantages, mb.response_mask,
-                                  self.ppo.clip_eps)
+                                  self.ppo.clip_eps, agg)
             s["entropy"] = float(masked_mean(entropy_from_logits(logits.detach()),
                                              mb.response_mask))
+            if kl_coef > 0:
+                kl = kl_loss(logp, mb.ref_logprobs, mb.response_mask, self.ppo.kl_loss_kind, agg)
+                loss = loss + kl_coef * kl
+                s["kl_loss"] = float(kl.detach())
             if self.ptx is not None:
                 lm = self._ptx_loss()
                 loss = loss + ptx_loss(lm, self.ppo.ptx_coef)

@@ -210,6 +210,7 @@ def test_node_loss_without_resources_fails_in_one_line(cluster, corpus, tmp_path
     msg = str(err.value)
     assert "\n" not in msg, msg
     assert "group 'pretrain'" in msg and "resource 'node_e' (no alive node has it)" in msg, msg
+    print(msg)
 
 
 def test_hung_rank_is_named_with_its_node(cluster, corpus, tmp_path):  # noqa: F811
@@ -235,6 +236,7 @@ def test_hung_rank_is_named_with_its_node(cluster, corpus, tmp_path):  # noqa: F
     node = w.nodes["pretrain/rank1"][:8]
     assert f"pretrain/rank1 on node {node} (127.0.0.1) stopped answering: rank 0's " \
            f"collective timed out after 3s (parallel.collective_timeout_s)" in msg, msg
+    print(msg)
 
 
 @pytest.fixture(scope="module")

@@ -86,3 +86,20 @@ def test_not_a_run_dir(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "no metrics CSV files" in proc.stderr and str(tmp_path) in proc.stderr
+
+
+def test_pipeline_results_give_the_gold_vs_kl_figure(tmp_path):
+    import json
+    from trellis.rl.best_of_n import bon_kl
+    res = {"bon_curve": [{"n": n, "kl": bon_kl(n), "rm": 0.1 * n, "gold": 0.5,
+                          "gold_by_gold": 0.5 + 0.02 * n} for n in (1, 2, 4, 8, 16)],
+           "ppo_curve": [{"iteration": i, "kl": 0.5 * i, "rm": 0.2 * i, "gold": 0.5 + 0.01 * i}
+                         for i in range(0, 30, 5)]}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    written = plot_run(tmp_path)
+    assert [p.name for p in written] == ["gold_vs_kl.png"]
+    w, h = _png_size(written[0])
+    assert w > h > 100
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(PlotError, match="results.json: not JSON"):
+        plot_run(tmp_path)

@@ -20,7 +20,8 @@ from trellis.launcher.jobs.ppo.config import PPOJobConfig
 STAGES = ["model.preset=gpt-tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64",
           "pretrain.steps=150", "pretrain.lr=3e-3", "sft.steps=120", "sft.lr=1e-3",
           "rm.steps=300", "rm.lr=1e-3", "task.n_comparison_prompts=600",
-          "comparisons_from=corrupt", "pretrain_lines=6000"]
+          "comparisons_from=corrupt", "pretrain_lines=6000",
+          "pretrain.micro_batch_size=16", "format_gate=0"]  # 150 steps teach the layout, not copying: the gate would stop it
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def rows(path: Path) -> list[dict[str, str]]:
 def ppo_job(chain: dict, run_dir: Path, *extra: str) -> PPOJobConfig:
     base = [f"run_dir={run_dir}", f"actor_init={chain['sft']}", f"reward_init={chain['rm']}",
             f"prompts={chain['task'] / 'prompts_train.jsonl'}",
-            f"eval_prompts={chain['prompts_eval']}", "ppo.prompts_per_iteration=64",
+            f"eval_prompts={chain['prompts_val']}", "ppo.prompts_per_iteration=64",
             "ppo.max_new_tokens=10", "ppo.max_prompt_len=24", "ppo.eval_prompts=64",
             "ppo.minibatches=4", "ppo.ppo_epochs=4", "ppo.temperature=0.7",
             "actor.optim.lr=1e-4", "critic.optim.lr=5e-4", "metrics.port=-1",
@@ -87,7 +88,8 @@ def test_tie_makes_no_pair():
 @pytest.mark.integration
 def test_ppo_four_groups_separate_raises_reward_under_kl_bound(chain, tmp_path, ray_local):
     from trellis.launcher.jobs.ppo.driver import ppo
-    cfg = ppo_job(chain, tmp_path, "train.steps=12", "placement=separate",
+    cfg = ppo_job(chain, tmp_path, "train.steps=12", "placement=separate", "gold=demo",
+                  "train.eval_every=4",
                   "actor.parallel.num_workers=2", "actor.parallel.zero_stage=2",
                   "critic.parallel.num_workers=2", "critic.parallel.zero_stage=1",
                   "reference.parallel.num_workers=2", "reward.parallel.num_workers=2",
@@ -104,9 +106,18 @@ def test_ppo_four_groups_separate_raises_reward_under_kl_bound(chain, tmp_path, 
             assert not w["trainable"]
             assert 0.4 <= w["local_params"] / w["global_params"] <= 0.6, info[role]
     start, end = res["start_eval"], res["end_eval"]
-    # Measured here: +0.44 (0.52 -> 0.96) at KL 1.8 in-process with these settings.
-    assert end["reward_mean"] > start["reward_mean"] + 0.2, (start["reward_mean"], end["reward_mean"])
+    # Measured: +0.17 (0.43 -> 0.60) at KL 1.8 with these settings (the RM scored at EOS).
+    assert end["reward_mean"] > start["reward_mean"] + 0.1, (start["reward_mean"], end["reward_mean"])
     assert 0.0 <= end["kl_mean"] < 5.0
+    # Gold next to the proxy on validation prompts (this tiny chain never learned to copy
+    # the prompt's words, so its gold does not move: test_rlhf_direction.py checks that).
+    evals = [json.loads(line) for line in open(tmp_path / "evals.jsonl")]
+    assert [e["iteration"] for e in evals] == [0, 4, 8, 12]
+    assert all(0.0 <= e["gold"] <= 1.0 for e in evals) and end["gold"] == evals[-1]["gold"]
+    best = max(evals, key=lambda e: e["gold"])  # the first of equals: the earliest
+    assert res["best"]["best_iteration"] == best["iteration"]
+    meta = json.loads((tmp_path / "best" / "model.json").read_text())
+    assert meta["evaluation"]["gold"] == best["gold"] and meta["criterion"] == "gold"
     log = rows(tmp_path / "metrics" / "ppo.csv")
     assert len(log) == 12
     for key in ("phase_seconds/generate", "phase_seconds/ref", "phase_seconds/reward",
@@ -298,3 +309,90 @@ def test_pipeline_refuses_a_run_dir_made_with_another_task(chain):
         prepare_task(other, root)
     same = load_config(PipelineConfig, None, [f"run_dir={root}", *STAGES])
     assert prepare_task(same, root)["demonstrations"].is_file()
+
+
+# ---- the real-data path: HH-RLHF-format dialogues -> trellis rm -> trellis ppo ----------------
+def _hh_rows(n: int, seed: int) -> list[dict]:
+    """HH-format comparisons on the demo's vocabulary: the chosen last turn is the rule's
+    answer, the rejected one a corruption; every third conversation has earlier turns, so its
+    prompt is longer than the configs' max_prompt_len below."""
+    import random
+
+    from trellis.rl.demo_task import DemoTaskConfig, answer, corrupt, make_prompts
+    rng = random.Random(seed)
+    out = []
+    for i, p in enumerate(make_prompts(n, seed, "train", DemoTaskConfig())):
+        history = "".join(f"\n\nHuman: {q}\n\nAssistant: {answer(q)}"
+                          for q in make_prompts(3, seed * 1000 + i, "train")) if i % 3 == 0 else ""
+        bad = corrupt(p, 2, rng)
+        while bad == answer(p):
+            bad = corrupt(p, 2, rng)
+        conv = f"{history}\n\nHuman: {p}\n\nAssistant:"
+        out.append({"chosen": f"{conv} {answer(p)}", "rejected": f"{conv} {bad}"})
+    return out
+
+
+@pytest.mark.integration
+def test_hh_dialogues_train_an_rm_then_ppo_selects_by_a_heldout_rm(chain, tmp_path, capsys):
+    from trellis.launcher.jobs.finetune.config import RMJobConfig
+    from trellis.launcher.jobs.finetune.driver import rm
+    from trellis.launcher.jobs.ppo.driver import ppo
+    train, test = tmp_path / "hh_train.jsonl", tmp_path / "hh_test.jsonl"
+    for path, n, seed in ((train, 240, 1), (test, 16, 2)):
+        path.write_text("".join(json.dumps(r) + "\n" for r in _hh_rows(n, seed)))
+    rm_dirs = []
+    for seed in (0, 1):  # the reward, and a held-out judge with another seed
+        cfg = load_config(RMJobConfig, "launcher/configs/hh_rm.yaml", [
+            f"run_dir={tmp_path / f'rm{seed}'}", f"seed={seed}", f"init_from={chain['sft']}",
+            f"data.train={train}", "data.max_len=48", "data.max_prompt_len=32",
+            "parallel.zero_stage=0", "optim.lr=1e-3", "optim.warmup_steps=5",
+            "train.steps=60", "train.eval_every=0", "metrics.port=-1"])
+        rm(cfg, local=True)
+        rm_dirs.append(cfg.run_dir)
+    out = capsys.readouterr().out
+    assert "80 of 240 rows keep only the last data.max_prompt_len=32 prompt tokens" in out, out
+    acc = float(rows(Path(rm_dirs[0]) / "metrics" / "eval.csv")[-1]["accuracy"])
+    assert acc >= 0.8, acc  # held-out pairs: the chosen answer is the rule's
+    job = load_config(PPOJobConfig, "launcher/configs/hh_ppo.yaml", [
+        f"run_dir={tmp_path / 'ppo'}", f"actor_init={chain['sft']}", f"reward_init={rm_dirs[0]}",
+        f"heldout_reward={rm_dirs[1]}", f"prompts={train}", f"eval_prompts={test}",
+        "ppo.max_prompt_len=32", "ppo.max_new_tokens=10", "ppo.prompts_per_iteration=16",
+        "ppo.eval_prompts=16", "ppo.ppo_epochs=1", "ppo.minibatches=2", "train.steps=2",
+        "train.eval_every=1", "placement=colocate", "metrics.port=-1",
+        *[f"{r}.parallel.zero_stage=0" for r in ("actor", "critic")]])
+    res = ppo(job, local=True)
+    out = capsys.readouterr().out
+    assert "80 of 240 prompts keep only their last ppo.max_prompt_len=32 tokens" in out, out
+    evals = [json.loads(line) for line in open(tmp_path / "ppo" / "evals.jsonl")]
+    assert [e["iteration"] for e in evals] == [0, 1, 2]
+    assert all("rm_heldout" in e and "gold" not in e for e in evals)
+    best = max(evals, key=lambda e: e["rm_heldout"])  # selection by the judge, not the proxy
+    assert res["best"]["best_iteration"] == best["iteration"]
+    meta = json.loads((tmp_path / "ppo" / "best" / "model.json").read_text())
+    assert meta["iteration"] == best["iteration"] and meta["criterion"] == "rm"
+
+
+@pytest.mark.integration
+def test_hh_prompt_over_the_limit_is_an_error_by_default(chain, tmp_path):
+    from trellis.launcher.jobs.ppo.driver import ppo
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _hh_rows(6, 3)))
+    job = ppo_job(chain, tmp_path / "ppo", f"prompts={path}", "eval_prompts=",
+                  "ppo.prompts_per_iteration=2", "ppo.minibatches=1", "ppo.max_prompt_len=32")
+    with pytest.raises(ConfigError, match=r"prompt row 0 has \d+ tokens, more than "
+                                          r"ppo.max_prompt_len 32 \(or set ppo.long_prompts"):
+        ppo(job, local=True)
+
+
+@pytest.mark.integration
+def test_format_gate_stops_the_pipeline_in_one_line(chain, capsys):
+    from trellis.launcher.cli import main
+    # The chain's run dir: pretraining is done (skipped); its 150 steps did not teach copying.
+    root = chain["pretrain"].parent
+    code = main(["pipeline", "--local", "--set", f"run_dir={root}",
+                 *[a for kv in STAGES if not kv.startswith("format_gate")
+                   for a in ("--set", kv)], "--set", "format_gate=0.99"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert "trellis pipeline: error: the pretrained policy's answers use exactly the " \
+           "prompt's words for only" in err and "(format_gate 99%)" in err

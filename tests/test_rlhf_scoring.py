@@ -165,3 +165,20 @@ def test_ensemble_scores_each_member():
     out = ScoreEnsemble([a, b])(ids)
     assert out.shape == (1, 2)
     torch.testing.assert_close(out[:, 1], b(ids))
+
+
+def test_shipped_rlhf_configs_load():
+    from pathlib import Path
+
+    from trellis.launcher.config_loader import load_config
+    from trellis.launcher.jobs.finetune.config import RMJobConfig
+    from trellis.launcher.jobs.pipeline.config import PipelineConfig
+    from trellis.launcher.jobs.ppo.config import PPOJobConfig
+    configs = Path(__file__).resolve().parents[1] / "launcher" / "configs"
+    rm = load_config(RMJobConfig, str(configs / "hh_rm.yaml"), ["init_from=x", "data.train=y"])
+    assert rm.data.max_prompt_len < rm.data.max_len
+    ppo = load_config(PPOJobConfig, str(configs / "hh_ppo.yaml"),
+                      ["actor_init=a", "reward_init=b", "prompts=c"])
+    assert ppo.ppo.long_prompts == "truncate_left" and ppo.selection.criterion == "rm"
+    pipe = load_config(PipelineConfig, str(configs / "pipeline.yaml"), [])
+    assert not pipe.pretrain.packing and pipe.comparisons_from == "mixed"

@@ -1,5 +1,10 @@
 """`trellis plot RUN_DIR [--out DIR]`: PNG curves from the run's metrics CSVs.
 
+A pipeline run dir (results.json, no metrics/) gets gold_vs_kl.png instead: the task's gold
+score and the reward model's score against sqrt(KL) for the PPO evaluations and for
+best-of-n from SFT (n = 1..16, with best-of-n by gold as the ceiling), as in Gao et al.
+2022, "Scaling Laws for Reward Model Overoptimization".
+
 Reads RUN_DIR/metrics/<kind>.csv (the driver's files written by cluster.metrics) and
 writes one PNG per column to RUN_DIR/plots/ (or --out): <kind>_<column>.png, e.g.
 train_loss.png, train_lr.png, train_tokens_per_second.png, ppo_reward_mean.png, ppo_kl.png,
@@ -120,10 +125,46 @@ def plot_kind(kind: str, cols: dict[str, list[float]], out: Path,
     return written
 
 
+def plot_gold_vs_kl(res: dict, path: Path) -> Path:
+    """Gold and RM score against sqrt(KL): PPO's evaluations (validation prompts, greedy
+    answers, KL to SFT on them) and best-of-n from SFT (analytic KL log n - (n-1)/n)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), dpi=100)
+    bon, ppo = res.get("bon_curve", []), res.get("ppo_curve", [])
+    sq = lambda rows: [math.sqrt(max(r["kl"], 0.0)) for r in rows]
+    for i, key in enumerate(("gold", "rm")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.set_title(f"{'gold (the task' + chr(39) + 's score)' if key == 'gold' else 'reward model score (proxy)'}")
+        ax.set_xlabel("sqrt(KL to SFT)")
+        ax.grid(True, alpha=0.3)
+        if ppo and all(key in r for r in ppo):
+            ax.plot(sq(ppo), [r[key] for r in ppo], marker="o", label="PPO evaluations (validation prompts)")
+        if bon and all(key in r for r in bon):
+            ax.plot(sq(bon), [r[key] for r in bon], marker="s", label="best-of-n by RM")
+        if key == "gold" and bon and all("gold_by_gold" in r for r in bon):
+            ax.plot(sq(bon), [r["gold_by_gold"] for r in bon], marker="^", linestyle="--",
+                    label="best-of-n by gold (ceiling)")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Render every driver metrics CSV of `run_dir`; returns the PNG paths."""
+    """Render every driver metrics CSV of `run_dir` (or a pipeline's results.json); returns
+    the PNG paths."""
+    import json
+
     mdir = Path(run_dir) / "metrics"
     files = sorted(p for p in mdir.glob("*.csv") if "." not in p.stem)
+    results = Path(run_dir) / "results.json"
+    if not files and results.is_file():
+        out_dir = Path(out) if out else Path(run_dir) / "plots"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            res = json.loads(results.read_text())
+        except json.JSONDecodeError as e:
+            raise PlotError(f"{results}: not JSON ({e})") from None
+        return [plot_gold_vs_kl(res, out_dir / "gold_vs_kl.png")]
     if not files:
         raise PlotError(f"{mdir}: no metrics CSV files (is '{run_dir}' a run directory?)")
     out_dir = Path(out) if out else Path(run_dir) / "plots"

@@ -49,6 +49,35 @@ def check_split_sizes(cfg: SFTJobConfig, n_train: int, n_val: int, val_given: bo
                           f"{world} ranks (at least one row per rank)")
 
 
+def truncation_counts(prompt_lens: list[int], response_lens: list[list[int]], max_len: int,
+                      max_prompt_len: int) -> tuple[int, int]:
+    """(rows whose prompt loses its first tokens, rows whose response (+ EOS) is cut) when
+    rows are fitted to max_len tokens keeping the prompt's last max_prompt_len (collate._fit)."""
+    cut_prompt = cut_response = 0
+    for p, rs in zip(prompt_lens, response_lens):
+        kept = min(p, max_prompt_len)
+        cut_prompt += p > max_prompt_len
+        cut_response += any(kept + r + 1 > max_len for r in rs)
+    return cut_prompt, cut_response
+
+
+def report_truncation(ds: Any, cfg: SFTJobConfig, kind: str, where: str) -> dict[str, int]:
+    """Long rows are cut, never silently: print how many lose prompt tokens (from the left:
+    a conversation keeps its latest turns) and how many responses are cut."""
+    t = ds.table
+    prompts = [len(x) for x in t.column("prompt_ids").to_pylist()]
+    col = "response_ids" if kind == "demonstrations" else "responses_ids"
+    responses = [[len(r)] if kind == "demonstrations" else [len(x) for x in r]
+                 for r in t.column(col).to_pylist()]
+    d = cfg.data
+    cut_p, cut_r = truncation_counts(prompts, responses, d.max_len, d.max_prompt_len)
+    if cut_p or cut_r:
+        print(f"{where}: {cut_p} of {len(prompts)} rows keep only the last "
+              f"data.max_prompt_len={d.max_prompt_len} prompt tokens (cut from the left); "
+              f"{cut_r} have a response cut at data.max_len={d.max_len}", flush=True)
+    return {"prompt_cut": cut_p, "response_cut": cut_r, "rows": len(prompts)}
+
+
 def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, Any]]:
     from trellis.data_pipeline.row_stream import split_rows
     from trellis.data_pipeline.structured import StructuredDataset
@@ -79,6 +108,7 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
     else:
         n_val = len(StructuredDataset(val, tok.sha256, vocab))
     check_split_sizes(cfg, n_train, n_val, val_given=val is not None)
+    report_truncation(StructuredDataset(train, tok.sha256, vocab), cfg, kind, str(cfg.data.train))
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     write_run_model(run_dir, model_meta, head)
     return run_dir, {"cfg": dataclasses.asdict(cfg), "init_dir": str(init),

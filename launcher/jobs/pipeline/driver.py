@@ -84,21 +84,35 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
     job = stages.sft_config(cfg, dirs["sft"], dirs["pretrain"], p["demonstrations"])
     _run_stage(f"SFT on {cfg.task.n_demonstrations} demonstrations", finetune.is_done(job),
                finetune.sft, job, local, address)
-    comparisons = make_comparisons(cfg, root, dirs["sft"], p)
-    rms = [dirs["rm"]] + [root / f"rm_{i}" for i in range(1, cfg.rm_ensemble)]
-    heldout = root / "rm_heldout" if cfg.rm_heldout else None
-    for i, rm_dir in enumerate(rms + ([heldout] if heldout else [])):
-        offset = 100 if rm_dir == heldout else i
-        job = stages.rm_config(cfg, rm_dir, dirs["sft"], comparisons, p["demonstrations"], offset)
-        name = "held-out reward model" if rm_dir == heldout else \
-            f"reward model {i + 1} of {cfg.rm_ensemble}" if cfg.rm_ensemble > 1 else "reward model"
-        _run_stage(f"{name} on {cfg.task.n_comparison_prompts} ranked prompts",
-                   finetune.is_done(job), finetune.rm, job, local, address)
-    if ppo_stage:
+    comparisons = [make_comparisons(cfg, root, dirs["sft"], p)]
+    policy = dirs["sft"]
+    for r in range(1, cfg.rlhf_rounds + 1):
+        # Round r > 1 (iterated RLHF): new comparisons ranked on the current policy's own
+        # samples, an RM retrained on every round's comparisons, PPO continued from the policy.
+        sfx = "" if r == 1 else f"_round{r}"
+        if r > 1:
+            comparisons.append(policy_comparisons(cfg, root, policy, p, r))
+        data = comparisons[0] if r == 1 else _concat(comparisons, root / f"task_round{r}" / "all.jsonl")
+        rms = [root / f"rm{sfx}"] + [root / f"rm_{i}{sfx}" for i in range(1, cfg.rm_ensemble)]
+        heldout = root / f"rm_heldout{sfx}" if cfg.rm_heldout else None
+        for i, rm_dir in enumerate(rms + ([heldout] if heldout else [])):
+            offset = 100 if rm_dir == heldout else i
+            job = stages.rm_config(cfg, rm_dir, dirs["sft"], data, p["demonstrations"], offset)
+            name = "held-out reward model" if rm_dir == heldout else \
+                f"reward model {i + 1} of {cfg.rm_ensemble}" if cfg.rm_ensemble > 1 else "reward model"
+            _run_stage(f"{name} on {cfg.task.n_comparison_prompts * r} ranked prompts"
+                       + (f" (round {r})" if cfg.rlhf_rounds > 1 else ""),
+                       finetune.is_done(job), finetune.rm, job, local, address)
+        dirs["rm"] = rms[0]
+        if not ppo_stage:
+            break
         from trellis.launcher.jobs.ppo import driver as ppo
-        job = stages.ppo_config(cfg, dirs["ppo"], dirs["sft"], rms, p["prompts_train"],
-                                p["prompts_val"], heldout)
-        _run_stage("PPO", ppo.is_done(job), ppo.ppo, job, local, address)
+        dirs["ppo"] = root / f"ppo{sfx}"
+        job = stages.ppo_config(cfg, dirs["ppo"], policy, rms, p["prompts_train"],
+                                p["prompts_val"], heldout, reference=dirs["sft"])
+        _run_stage("PPO" + (f" (round {r} of {cfg.rlhf_rounds})" if cfg.rlhf_rounds > 1 else ""),
+                   ppo.is_done(job), ppo.ppo, job, local, address)
+        policy = _selected(dirs["ppo"])
     return dirs | {"task": root / "task", "tokenizer": p["tokenizer"],
                    "prompts_eval": p["prompts_eval"], "prompts_val": p["prompts_val"],
                    "format_gate": gate}
@@ -115,7 +129,28 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
     """K responses per comparison prompt, ranked by the simulated labeler (ties allowed)."""
     if cfg.comparisons_from == "corrupt":
         return p["comparisons"]
-    out = root / "task_sft" / "comparisons.jsonl"
+    return _sampled_comparisons(cfg, root, sft_dir, p, root / "task_sft", cfg.task, "sft")
+
+
+def policy_comparisons(cfg: PipelineConfig, root: Path, policy_dir: Path, p: dict,
+                       round_: int) -> Path:
+    """Iterated RLHF: comparisons on new train-split prompts, ranked on samples of the
+    policy of round `round_` - 1 (mixed with corrupted answers unless comparisons_from=sft)."""
+    task = dataclasses.replace(cfg.task, seed=cfg.task.seed + 1000 * round_)
+    return _sampled_comparisons(cfg, root, policy_dir, p, root / f"task_round{round_}", task,
+                                f"round{round_}_policy")
+
+
+def _concat(files: list[Path], out: Path) -> Path:
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(f.read_text() for f in files))
+    return out
+
+
+def _sampled_comparisons(cfg: PipelineConfig, root: Path, policy_dir: Path, p: dict,
+                         out_dir: Path, task: Any, name: str) -> Path:
+    out = out_dir / "comparisons.jsonl"
     if out.is_file():
         return out
     from trellis.data_pipeline.tokenizer import Tokenizer
@@ -124,9 +159,9 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
     from trellis.rl.demo_task import corrupt, write_demo_data
     from trellis.rl.policy_eval import sample_k
 
-    policy, _, _ = load_module(materialize(sft_dir, root / "eval" / "sft"))
+    policy, _, _ = load_module(materialize(policy_dir, root / "eval" / name))
     tok = Tokenizer(p["tokenizer"])
-    rng = random.Random(cfg.seed)
+    rng = random.Random(f"{cfg.seed}/{name}")
 
     def sample_fn(prompts: list[str], k: int) -> list[list[str]]:
         n = k if cfg.comparisons_from == "sft" else (k + 1) // 2
@@ -136,7 +171,7 @@ def make_comparisons(cfg: PipelineConfig, root: Path, sft_dir: Path, p: dict) ->
         return [g + [corrupt(pr, level, rng, cfg.task.n_words) for level in range(k - n)]
                 for pr, g in zip(prompts, groups)]
 
-    write_demo_data(out.parent, cfg.task, sample_fn)
+    write_demo_data(out.parent, task, sample_fn)
     return out
 
 

@@ -69,8 +69,11 @@ def rm_config(cfg: PipelineConfig, run_dir: Path, init: Path, comparisons: Path,
 
 
 def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rms: list[Path],
-               prompts: Path, val_prompts: Path, heldout_rm: Path | None = None) -> PPOJobConfig:
+               prompts: Path, val_prompts: Path, heldout_rm: Path | None = None,
+               reference: Path | None = None) -> PPOJobConfig:
+    """PPO from `sft` (or a later round's policy, with the SFT policy as `reference`)."""
     job = PPOJobConfig(actor_init=str(sft), reward_init=str(rms[0]),
+                       reference_init=str(reference) if reference and reference != sft else "",
                        reward_members=[str(r) for r in rms[1:]],
                        heldout_reward=str(heldout_rm) if heldout_rm else "",
                        prompts=str(prompts), eval_prompts=str(val_prompts), gold="demo",

@@ -76,14 +76,17 @@ class PPOJobConfig:
         for key in ("actor_init", "reward_init", "prompts"):
             if not getattr(self, key):
                 raise ValueError(f"{key} is required")
-        worlds = {r: getattr(self, r).parallel.num_workers
-                  for r in ("actor", "critic", "reference", "reward")}
+        p = self.ppo
+        roles = ("actor", "critic", "reference", "reward") if p.has_critic else \
+            ("actor", "reference", "reward")  # the critic-free algorithms start no critic
+        worlds = {r: getattr(self, r).parallel.num_workers for r in roles}
         for r, w in worlds.items():
-            if self.ppo.prompts_per_iteration % w:
-                raise ValueError(f"ppo.prompts_per_iteration {self.ppo.prompts_per_iteration} "
-                                 f"must divide by {r}.parallel.num_workers {w}")
-        for r in ("actor", "critic"):
-            rows = self.ppo.prompts_per_iteration // worlds[r]
+            if p.rollout_rows % w:
+                what = f"ppo.prompts_per_iteration {p.prompts_per_iteration}" + \
+                    (f" x ppo.group_size {p.group_size}" if p.group_size > 1 else "")
+                raise ValueError(f"{what} must divide by {r}.parallel.num_workers {w}")
+        for r in roles[:2 if p.has_critic else 1]:
+            rows = p.rollout_rows // worlds[r]
             if rows % self.ppo.minibatches:
                 raise ValueError(f"{rows} rows per {r} rank must divide into ppo.minibatches "
                                  f"{self.ppo.minibatches}")

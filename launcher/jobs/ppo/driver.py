@@ -51,34 +51,43 @@ def _tokenizer(weights: dict[str, Path]) -> Any:
     return toks["actor"]
 
 
-def check_prompts(ds: Any, cfg: PPOJobConfig, max_seq_len: int, where: str) -> None:
-    """Oversize prompts are an error naming the row, never silently cut."""
+def check_prompts(ds: Any, cfg: PPOJobConfig, max_seq_len: int, where: str) -> int:
+    """Oversize prompts are an error naming the row, or cut with a count (never silently);
+    returns the number cut."""
     p = cfg.ppo
     if p.max_prompt_len + p.max_new_tokens > max_seq_len:
         raise ConfigError(f"config key 'ppo.max_prompt_len': {p.max_prompt_len} + "
                           f"ppo.max_new_tokens {p.max_new_tokens} exceeds the model's context "
                           f"{max_seq_len}")
     lengths = ds.table.column("prompt_ids").to_pylist()
+    cut = 0
     for i, ids in enumerate(lengths):
         if len(ids) > p.max_prompt_len:
-            raise ConfigError(f"{where}: prompt row {i} has {len(ids)} tokens, more than "
-                              f"ppo.max_prompt_len {p.max_prompt_len}")
+            if p.long_prompts == "error":
+                raise ConfigError(f"{where}: prompt row {i} has {len(ids)} tokens, more than "
+                                  f"ppo.max_prompt_len {p.max_prompt_len} (or set "
+                                  f"ppo.long_prompts=truncate_left)")
+            cut += 1
         if not ids:
             raise ConfigError(f"{where}: prompt row {i} is empty")
+    if cut:  # PromptCollator keeps each prompt's last max_prompt_len tokens
+        print(f"{where}: {cut} of {len(lengths)} prompts keep only their last "
+              f"ppo.max_prompt_len={p.max_prompt_len} tokens (cut from the left)", flush=True)
+    return cut
 
 
 def _role_specs(cfg: PPOJobConfig, weights: dict[str, Path], run_dir: Path) -> dict:
     from trellis.parallel.placement import RoleSpec
-    from trellis.rl.ppo_trainer import ROLES, TRAINED_ROLES, WORKERS
+    from trellis.rl.ppo_trainer import WORKERS, roles_of, trained_roles_of
 
     p, specs = cfg.ppo, {}
-    for role in ROLES:
-        rc, trainable = getattr(cfg, role), role in TRAINED_ROLES
+    for role in roles_of(p):  # no critic group for the critic-free algorithms
+        rc, trainable = getattr(cfg, role), role in trained_roles_of(p)
         kw = {"init_dir": str(weights[role]), "ppo": dataclasses.asdict(p),
               "par": dataclasses.asdict(rc.parallel),
               "optim": dataclasses.asdict(rc.optim) if trainable else None,
               "total_steps": cfg.train.steps * p.ppo_epochs * p.minibatches if trainable else 0,
-              "rows_per_rank": p.prompts_per_iteration // rc.parallel.num_workers,
+              "rows_per_rank": p.rollout_rows // rc.parallel.num_workers,
               "run_dir": str(run_dir / role), "seed": cfg.seed,
               "keep_last": cfg.checkpoint.keep_last}
         if role == "actor" and p.ptx_coef > 0:
@@ -112,8 +121,10 @@ class PPOSession:
         resumed = self.resume and self.trainer.resume()
         roles = ", ".join(f"{r} x{getattr(self.cfg, r).parallel.num_workers} "
                           f"ZeRO-{getattr(self.cfg, r).parallel.zero_stage}"
-                          for r in ("actor", "critic", "reference", "reward"))
-        print(f"ppo: {self.cfg.ppo.prompts_per_iteration} prompts/iteration, roles {roles}, "
+                          for r in self.trainer.roles)
+        p = self.cfg.ppo
+        algo = "" if p.algorithm == "ppo" else f"{p.algorithm} (group {p.group_size}), "
+        print(f"ppo: {algo}{p.prompts_per_iteration} prompts/iteration, roles {roles}, "
               f"placement {self.cfg.placement}"
               + (f"; resumed at iteration {self.trainer.iteration}" if resumed else ""),
               flush=True)
@@ -129,9 +140,10 @@ class PPOSession:
         return self.trainer.step()
 
     def describe(self, step: int, r: dict[str, float]) -> str:
+        critic = f"value_loss {r.get('critic/value_loss', 0):.4f} " if self.cfg.ppo.has_critic \
+            else f"|adv| {r.get('advantage_abs_mean', 0):.3f} "
         return (f"iteration {step}: score {r['score']:.3f} kl {r['kl']:.3f} "
-                f"beta {r['beta']:.4f} clip {r.get('actor/clip_fraction', 0):.3f} "
-                f"value_loss {r.get('critic/value_loss', 0):.4f} "
+                f"beta {r['beta']:.4f} clip {r.get('actor/clip_fraction', 0):.3f} " + critic +
                 f"len {r['response_length']:.1f} {r['samples_per_second']:.1f} samples/s")
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -205,6 +217,8 @@ def prepare(cfg: PPOJobConfig) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     copy_tokenizer(tok.path, run_dir)
     for role, head in (("actor", "lm"), ("critic", "value")):
+        if role == "critic" and not cfg.ppo.has_critic:
+            continue
         (run_dir / role).mkdir(exist_ok=True)
         copy_tokenizer(tok.path, run_dir / role)
         write_run_model(run_dir / role, read_meta(weights[role])["model"], head)
@@ -220,8 +234,8 @@ def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> d
 
     cpu_defaults()
     if local:
-        bad = [r for r in ("actor", "critic", "reference", "reward")
-               if getattr(cfg, r).parallel.num_workers != 1]
+        from trellis.rl.ppo_trainer import roles_of
+        bad = [r for r in roles_of(cfg.ppo) if getattr(cfg, r).parallel.num_workers != 1]
         if bad:
             raise ConfigError(f"config key '{bad[0]}.parallel.num_workers': --local runs one "
                               f"worker per role")
@@ -236,8 +250,8 @@ def ppo(cfg: PPOJobConfig, local: bool = False, address: str | None = None) -> d
 
 def is_done(cfg: PPOJobConfig) -> bool:
     """Has cfg.run_dir completed all cfg.train.steps iterations?"""
-    from trellis.rl.ppo_trainer import finished
-    return finished(Path(cfg.run_dir), cfg.train.steps)
+    from trellis.rl.ppo_trainer import finished, trained_roles_of
+    return finished(Path(cfg.run_dir), cfg.train.steps, trained_roles_of(cfg.ppo))
 
 
 def run(args: argparse.Namespace) -> int:
