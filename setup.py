@@ -41,6 +41,8 @@ setup(
         "matplotlib>=3.7",
         "sacrebleu>=2.4,<3",
     ],
-    extras_require={"test": ["pytest>=8", "transformers>=4.40", "accelerate>=0.30"]},
+    extras_require={"test": ["pytest>=8", "transformers>=4.40", "accelerate>=0.30"],
+                    # peers for bench/ only (bench/rl_algorithms.py, bench/ppo.py)
+                    "bench": ["trl>=1.16", "datasets", "transformers>=4.40", "accelerate>=0.30"]},
     entry_points={"console_scripts": ["trellis=trellis.launcher.cli:main"]},
 )

@@ -26,15 +26,14 @@ are unseen combinations, not just unseen orders.
 Pretraining (``write_pretrain_corpus``) teaches the format, not the answer: each line is a
 train-split prompt followed by a random permutation of its words (sort) or a random number
 (add). A model pretrained on it copies the prompt's words in a random order; SFT on a few
-hundred demonstrations teaches some ordering; RLHF has the rest to gain.
+demonstrations teaches some ordering; RLHF has the rest to gain.
 
-Measured (sort defaults; GPT 2 layers, d_model 64; BPE vocab 64 without byte fallback;
-batch 64/32; 2 shared CPU cores): eval score 0.40-0.48 after 60 s of pretraining; SFT on
-the 200 demonstrations reaches 0.73 (exact 25%) at 50 steps, 0.81 (45%) at 100, then
-plateaus at 0.90 (exact ~65%) as it memorises them (loss 0.002): unseen item sets stay
-partly wrong. With BPE vocab 128 every word is one token (prompts <= 8, answers <= 5
-tokens) and SFT plateaus at the same 0.90. ``add`` is much harder: 200 demonstrations
-leave it at ~0.3 (exact ~2%).
+Measured (sort, pipeline defaults: GPT 4 layers, d_model 128, BPE vocab 512; 2 CPU cores):
+pretraining must see one line per row (``packing: false``) at lr 1e-3, batch 64: after 1000
+steps 64% of its greedy answers are a permutation of the prompt's words (packed blocks, or
+lr 3e-3, stay at 0-16%: the answer-token loss never leaves ln 16). SFT on 20 demonstrations
+forgets the copying (13% of answers) and PPO cannot restore it (gold 0.58 -> 0.64); with 30,
+SFT reaches gold 0.69-0.70 and PPO adds about +0.1; with 40, SFT 0.78-0.81.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from trellis.launcher.jobs.ppo.config import PPOJobConfig
 # Small enough for CI on 2 cores, large enough that every stage learns something.
 STAGES = ["model.preset=gpt-tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64",
           "pretrain.steps=150", "pretrain.lr=3e-3", "sft.steps=120", "sft.lr=1e-3",
-          "rm.steps=300", "rm.lr=1e-3", "task.n_comparison_prompts=600",
+          "rm.steps=300", "rm.lr=1e-3", "task.n_comparison_prompts=600", "task.n_demonstrations=200",
           "comparisons_from=corrupt", "pretrain_lines=6000",
           "pretrain.micro_batch_size=16", "format_gate=0"]  # 150 steps teach the layout, not copying: the gate would stop it
 

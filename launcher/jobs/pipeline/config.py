@@ -39,7 +39,8 @@ class PipelineConfig:
     run_dir: str = "runs/pipeline"
     """Every stage's run dir goes under here (pretrain/, sft/, rm/, ppo/, export/)."""
     seed: int = 0
-    task: DemoTaskConfig = field(default_factory=DemoTaskConfig)
+    task: DemoTaskConfig = field(default_factory=lambda: DemoTaskConfig(
+        n_demonstrations=30, n_comparison_prompts=1500))
     tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(vocab_size=512))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         preset="gpt-small-cpu", vocab_size=512, n_layer=4, n_head=4, d_model=128,
@@ -57,7 +58,7 @@ class PipelineConfig:
                                                                 micro_batch_size=8))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         prompts_per_iteration=64, minibatches=4, ppo_epochs=4,
-        temperature=0.7, init_beta=0.1, max_new_tokens=10, max_prompt_len=24,
+        temperature=1.0, init_beta=0.1, max_new_tokens=10, max_prompt_len=24,
         eval_prompts=0))
     ppo_actor_lr: float = field(default=2e-5, metadata={"min": 0.0})
     """Measured on the demo: 1e-4 moves the policy too far per iteration (approximate KL

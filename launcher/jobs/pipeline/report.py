@@ -116,9 +116,10 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Path], gate: dict[str, float] 
     prompts = _prompts(dirs["prompts_eval"], cfg.eval_prompts)
     reward, sft = _load(dirs["rm"], root, "rm"), _load(dirs["sft"], root, "sft")
     best = dirs["ppo"] / BEST
+    alg = cfg.ppo.algorithm  # the RL stage's rows are named after its algorithm
     sources = {"pretrained": dirs["pretrain"], "sft": dirs["sft"],
-               "ppo": best if best.is_dir() else dirs["ppo"] / "actor",
-               "ppo_last": dirs["ppo"] / "actor"}
+               alg: best if best.is_dir() else dirs["ppo"] / "actor",
+               f"{alg}_last": dirs["ppo"] / "actor"}
     policies, samples = {}, {}
     for name, src in sources.items():
         policy = sft if name == "sft" else _load(src, root, name)
@@ -129,7 +130,7 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Path], gate: dict[str, float] 
         if r["n"] in (4, 16):
             policies[f"bon_{r['n']}"] = {k: r[k] for k in ("gold", "exact", "rm", "kl")}
     selected = read_meta(best).get("iteration") if best.is_dir() else None
-    out = {"prompts": len(prompts), "policies": policies, "bon_curve": curve,
+    out = {"prompts": len(prompts), "algorithm": alg, "policies": policies, "bon_curve": curve,
            "ppo_curve": ppo_curve(dirs["ppo"]), "ppo_selected_iteration": selected,
            "reward_model": agreement, "format_gate": gate, "samples": samples}
     out["verdict"] = verdict(out)
@@ -137,12 +138,12 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Path], gate: dict[str, float] 
 
 
 def verdict(res: dict[str, Any]) -> str:
-    p = res["policies"]
-    ppo, sft, bon = p["ppo"], p["sft"], p.get("bon_16")
+    p, alg = res["policies"], res.get("algorithm", "ppo")
+    ppo, sft, bon = p[alg], p["sft"], p.get("bon_16")
     d = ppo["gold"] - sft["gold"]
     word = "beats" if d >= 0.10 and ppo["exact"] > sft["exact"] else \
         "is above" if d > 0 else "does NOT beat"
-    line = (f"verdict: PPO {word} SFT on the task's gold score: {sft['gold']:.3f} -> "
+    line = (f"verdict: {alg.upper()} {word} SFT on the task's gold score: {sft['gold']:.3f} -> "
             f"{ppo['gold']:.3f} ({d:+.3f}); exact {sft['exact']:.0%} -> {ppo['exact']:.0%}")
     if bon:
         line += f"; vs best-of-16 by RM {bon['gold']:.3f} ({ppo['gold'] - bon['gold']:+.3f})"
@@ -165,8 +166,9 @@ def print_report(res: dict[str, Any]) -> None:
         f"n={r['n']} gold {r['gold']:.3f} (ceiling {r['gold_by_gold']:.3f})"
         for r in res["bon_curve"]))
     if res.get("ppo_selected_iteration") is not None:
-        print(f"ppo = the iteration chosen on validation prompts: "
-              f"{res['ppo_selected_iteration']}; ppo_last = the final one")
+        alg = res.get("algorithm", "ppo")
+        print(f"{alg} = the iteration chosen on validation prompts: "
+              f"{res['ppo_selected_iteration']}; {alg}_last = the final one")
     for name, pairs in res["samples"].items():
         print(f"\n{name} answers:")
         for prompt, resp in pairs:
