@@ -3,7 +3,8 @@
 Input records (JSONL lines or Parquet/Arrow rows) by kind, and the table each becomes:
 
 * demonstrations  {prompt, response}                -> prompt, response, prompt_ids, response_ids
-* comparisons     {prompt, responses: [K], ranking: [K]} or {prompt, chosen, rejected}
+* comparisons     {prompt, responses: [K], ranking: [K]} or {prompt, chosen, rejected}, or
+                  {chosen, rejected} whole conversations without a prompt (read as dialogue)
                                                     -> prompt, responses, ranking, prompt_ids,
                                                        responses_ids  (chosen/rejected become
                                                        responses [chosen, rejected], ranking [0, 1])
@@ -121,7 +122,8 @@ def convert(kind: str, row: dict, tok: Tokenizer, where: str = "") -> dict:
     if kind == "demonstrations":
         p, r = _text(row, "prompt"), _text(row, "response")
         return {"prompt": p, "response": r, "prompt_ids": tok.encode(p), "response_ids": tok.encode(r)}
-    if kind == "dialogue":
+    if kind == "dialogue" or (kind == "comparisons" and "prompt" not in row and "chosen" in row):
+        # Whole conversations (HH-RLHF): the RM job reads them as comparisons too.
         for key in ("chosen", "rejected"):
             if key not in row:
                 raise BadRow("missing_field", f"no field '{key}' (fields: {', '.join(list(row)[:8])})")

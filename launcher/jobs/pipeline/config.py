@@ -58,7 +58,7 @@ class PipelineConfig:
                                                                 micro_batch_size=8))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
         prompts_per_iteration=64, minibatches=4, ppo_epochs=4,
-        temperature=1.0, init_beta=0.1, max_new_tokens=10, max_prompt_len=24,
+        temperature=1.0, init_beta=0.05, max_new_tokens=10, max_prompt_len=24,
         eval_prompts=0))
     ppo_actor_lr: float = field(default=2e-5, metadata={"min": 0.0})
     """Measured on the demo: 1e-4 moves the policy too far per iteration (approximate KL
