@@ -206,67 +206,9 @@ def speed(args: argparse.Namespace, cfg: ModelConfig) -> None:
 
 
 # ---- memory ------------------------------------------------------------------------------
-def _tensors(obj, path: str, depth: int, seen: set[int]):
-    """(path, tensor) pairs reachable from a DeepSpeed/torch optimizer object's attributes."""
-    if isinstance(obj, torch.Tensor):
-        yield path, obj
-        if obj.grad is not None:
-            yield path + ".grad", obj.grad
-        return
-    if depth == 0 or id(obj) in seen or isinstance(obj, nn.Module):
-        return
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        for k, v in list(obj.items()):
-            yield from _tensors(v, f"{path}[{k if isinstance(k, (str, int)) else '.'}]",
-                                depth - 1, seen)
-    elif isinstance(obj, (list, tuple, set)):
-        for i, v in enumerate(obj):
-            yield from _tensors(v, f"{path}[{i}]", depth - 1, seen)
-    elif type(obj).__module__.startswith(("deepspeed", "torch.optim")) and hasattr(obj, "__dict__"):
-        for k, v in list(vars(obj).items()):
-            yield from _tensors(v, f"{path}.{k}", depth - 1, seen)
-
-
-def held_bytes(engine) -> dict[str, int]:
-    """Bytes this rank holds per category, each storage counted once (first category wins):
-    params (module data, ZeRO-3 ds_tensor partitions), optimizer state (exp_avg/exp_avg_sq),
-    fp32 master (the inner optimizer's params when not the module's), grads, other buffers."""
-    ds = engine._ds
-    opt = ds.optimizer
-    inner = opt if isinstance(opt, torch.optim.Optimizer) else getattr(opt, "optimizer", None)
-    counted: dict[int, str] = {}
-    sizes: dict = {k: 0 for k in ("params", "grads", "master", "state", "other")}
-    sizes["biggest_other"] = ("", 0)
-
-    def add(cat: str, t: torch.Tensor | None, path: str = "") -> None:
-        if t is None or t.numel() == 0 or t.device.type == "meta":  # meta: shapes only
-            return
-        s = t.untyped_storage()
-        if s.nbytes() and s.data_ptr() not in counted:
-            counted[s.data_ptr()] = cat
-            sizes[cat] += s.nbytes()
-            if cat == "other" and s.nbytes() > sizes["biggest_other"][1]:
-                sizes["biggest_other"] = (path, s.nbytes())
-
-    params = list(engine.module.parameters())
-    for p in params:
-        add("params", p.data)
-        add("params", getattr(p, "ds_tensor", None))
-    for st in inner.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor):
-                add("state", v)
-    for group in inner.param_groups:
-        for p in group["params"]:
-            add("master", p)
-    for p in params:
-        add("grads", p.grad)
-    for path, t in _tensors(opt, "opt", 6, set()):
-        add("grads" if "grad" in path.rsplit(".", 1)[-1].lower() or path.endswith(".grad")
-            else "other", t, path)
-    sizes["total"] = sizes["params"] + sizes["grads"] + sizes["master"] + sizes["state"]
-    return sizes
+# Per-rank bytes by category, ZeRO-3 fp32 masters included (the same counter trellis plan
+# is validated against).
+from trellis.parallel.held_memory import held_bytes  # noqa: E402
 
 
 def memory_worker(rank: int, world: int, port: int, cfg: ModelConfig, stages: list,
