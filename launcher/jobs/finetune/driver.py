@@ -36,6 +36,22 @@ def prepare_rows(source: str, kind: str, tokenizer: Any, dest: Path) -> Path:
     return dest
 
 
+def init_weights(init_from: str, run_dir: Path) -> tuple[Path, Any]:
+    """`init_from` materialised into RUN_DIR/init, and the tokenizer it was trained with
+    (copied into the run dir); a source without one is a one-line config error."""
+    from trellis.data_pipeline.tokenizer import Tokenizer
+    from trellis.launcher.weights import materialize
+
+    init = materialize(init_from, run_dir / "init")
+    tok_file = init / TOKENIZER_FILE
+    if not tok_file.is_file():
+        raise ConfigError(f"config key 'init_from': '{init_from}' comes without a "
+                          f"SentencePiece tokenizer.model; trellis needs the tokenizer it was "
+                          f"trained with")
+    copy_tokenizer(tok_file, run_dir)
+    return init, Tokenizer(tok_file)
+
+
 def check_split_sizes(cfg: SFTJobConfig, n_train: int, n_val: int, val_given: bool) -> None:
     """Before any worker starts: every rank gets a full training micro-batch and at least one
     held-out row (evaluation batches shrink to fit a small held-out split)."""
@@ -81,21 +97,13 @@ def report_truncation(ds: Any, cfg: SFTJobConfig, kind: str, where: str) -> dict
 def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, Any]]:
     from trellis.data_pipeline.row_stream import split_rows
     from trellis.data_pipeline.structured import StructuredDataset
-    from trellis.data_pipeline.tokenizer import Tokenizer
-    from trellis.launcher.weights import materialize, write_run_model
+    from trellis.launcher.weights import write_run_model
     from trellis.model.io import read_meta
 
     cpu_defaults()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init = materialize(cfg.init_from, run_dir / "init")
-    tok_file = init / TOKENIZER_FILE
-    if not tok_file.is_file():
-        raise ConfigError(f"config key 'init_from': '{cfg.init_from}' comes without a "
-                          f"SentencePiece tokenizer.model; trellis needs the tokenizer it was "
-                          f"trained with")
-    tok = Tokenizer(tok_file)
-    copy_tokenizer(tok_file, run_dir)
+    init, tok = init_weights(cfg.init_from, run_dir)
     train = prepare_rows(cfg.data.train, kind, tok, run_dir / "data" / "train")
     val = prepare_rows(cfg.data.val, kind, tok, run_dir / "data" / "val") if cfg.data.val else None
     train_rows = val_rows = None

@@ -37,21 +37,13 @@ def _split(cfg: TaskFTJobConfig, rows: list) -> tuple[list, list]:
 def prepare(cfg: TaskFTJobConfig) -> dict[str, Any]:
     """Initial weights, tokenizer, and the encoded train / val tables (once per run dir)."""
     from trellis.data_pipeline import task_rows as tr
-    from trellis.data_pipeline.tokenizer import TOKENIZER_FILE, Tokenizer, copy_tokenizer
-    from trellis.launcher.weights import materialize
+    from trellis.launcher.jobs.finetune.driver import init_weights
     from trellis.model.io import read_meta
 
     cpu_defaults()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    init = materialize(cfg.init_from, run_dir / "init")
-    tok_file = init / TOKENIZER_FILE
-    if not tok_file.is_file():
-        raise ConfigError(f"config key 'init_from': '{cfg.init_from}' comes without a "
-                          f"SentencePiece tokenizer.model; trellis needs the tokenizer it was "
-                          f"trained with")
-    tok = Tokenizer(tok_file)
-    copy_tokenizer(tok_file, run_dir)
+    init, tok = init_weights(cfg.init_from, run_dir)
     model = read_meta(init)["model"]
     if cfg.data.max_len > model["max_seq_len"]:
         raise ConfigError(f"config key 'data.max_len': {cfg.data.max_len} exceeds the model's "
