@@ -235,9 +235,14 @@ def save_hf_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = to_hf_state_dict(model.state_dict(), cfg)
-    dtype = next(iter(weights.values())).dtype
     conf = hf_config(cfg, bos_id=bos_id, eos_id=eos_id, architecture=arch)
-    conf["dtype"] = str(dtype).removeprefix("torch.")
+    return write_hf_dir(out, weights, conf, tokenizer_file)
+
+
+def write_hf_dir(out: Path, weights: dict, conf: dict, tokenizer_file: str | Path | None) -> Path:
+    """model.safetensors (written beside, then renamed), config.json with the weights' dtype,
+    and the tokenizer file, into an existing folder `out`."""
+    conf["dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
     tmp = out / "model.safetensors.tmp"
     save_file(weights, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / "model.safetensors")

@@ -10,18 +10,15 @@ them). A pre-LN model has no Marian equivalent and is refused.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from trellis.model.config import ModelConfig
-from trellis.model.hf import _read_weights
+from trellis.model.hf import _read_weights, write_hf_dir
 from trellis.model.seq2seq import Seq2Seq
 
-_SPM_FILE = "tokenizer.model"
 _OURS_ONLY = ("lm_head.weight",)  # tied to the target embedding: written once, as that
 _IGNORED = ("model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight")
 
@@ -146,15 +143,4 @@ def save_marian_pretrained(model: nn.Module, cfg: ModelConfig, out_dir: str | Pa
     conf = marian_config(cfg, bos_id, eos_id)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = to_marian_state_dict(model.state_dict(), cfg)
-    conf["dtype"] = str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    tmp = out / "model.safetensors.tmp"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
-    if tokenizer_file is not None:
-        src = Path(tokenizer_file)
-        if not src.is_file():
-            raise FileNotFoundError(f"tokenizer file {src} does not exist")
-        shutil.copyfile(src, out / (_SPM_FILE if src.suffix == ".model" else src.name))
-    return out
+    return write_hf_dir(out, to_marian_state_dict(model.state_dict(), cfg), conf, tokenizer_file)
