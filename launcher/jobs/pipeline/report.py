@@ -64,9 +64,8 @@ def check_format(cfg: PipelineConfig, pretrain_dir: Path, tokenizer: Path,
 
 def _policy_row(policy, sft, reward, tok, prompts: list[str], cfg: PipelineConfig
                 ) -> tuple[dict[str, float], list[str]]:
-    from trellis.rl.demo_task import uses_prompt_items
+    from trellis.rl.demo_task import score, uses_prompt_items
     from trellis.rl.gold import gold_stats
-    from trellis.rl.demo_task import score
     from trellis.rl.policy_eval import kl_to_reference, respond, rm_scores
     resp = respond(policy, tok, prompts, cfg.ppo.max_new_tokens, max_prompt_len=cfg.max_prompt_len)
     row = gold_stats(score, prompts, resp) | {
