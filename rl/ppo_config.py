@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+DEFAULT_GROUP_SIZE = 4
+"""Responses per prompt of grpo and rloo when group_size is 0 (auto)."""
+
 
 @dataclass
 class PPOConfig:
@@ -13,9 +16,10 @@ class PPOConfig:
     machinery, the clipped ratio, checkpoints and recovery. ppo: critic + GAE; grpo:
     group-normalised rewards; rloo: leave-one-out baseline; reinforce_pp: returns of
     KL-shaped token rewards whitened over the batch. Only ppo starts a critic group."""
-    group_size: int = field(default=1, metadata={"min": 1, "max": 256})
-    """Responses sampled per prompt (G); grpo and rloo need >= 2. Rollout rows per iteration
-    = prompts_per_iteration * group_size."""
+    group_size: int = field(default=0, metadata={"min": 0, "max": 256})
+    """Responses sampled per prompt (G); grpo and rloo need >= 2. 0 = the algorithm's own
+    default: 4 for grpo and rloo (DeepSeekMath samples more; 4 keeps CPU runs small), 1
+    otherwise. Rollout rows per iteration = prompts_per_iteration * group_size."""
     grpo_variant: Literal["grpo", "dr_grpo"] = "grpo"
     """grpo: (r - mean) / (std + adv_eps) per group; dr_grpo: r - mean (no std) and, with
     loss_agg=auto, no length normalisation (Liu et al. 2025)."""
@@ -87,6 +91,8 @@ class PPOConfig:
     at the end; 0 = none."""
 
     def __post_init__(self) -> None:
+        if self.group_size == 0:
+            self.group_size = DEFAULT_GROUP_SIZE if self.algorithm in ("grpo", "rloo") else 1
         if self.ptx_coef > 0 and not self.ptx_data:
             raise ValueError("ptx_coef > 0 needs ptx_data (an ingested token folder)")
         if self.algorithm in ("grpo", "rloo") and self.group_size < 2:

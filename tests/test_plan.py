@@ -173,6 +173,24 @@ def test_separate_roles_and_cpu_cluster():
     assert cpu.gpus == 2 and cpu.fits and cpu.host_per_node >= 2 * cpu.roles[0].peak
 
 
+@pytest.mark.parametrize("job", ["grpo", "rloo", "reinforce_pp"])
+def test_critic_free_jobs_plan_no_critic(job):
+    from trellis.launcher.jobs.plan.driver import report
+    ppo = plan(load_config(PlanConfig, None, ["job=ppo", "model=llama-2-7b"]))
+    cf = plan(load_config(PlanConfig, None, [f"job={job}", "model=llama-2-7b"]))
+    peaks = {r.role: r.peak for r in ppo.roles}
+    assert {r.role: r.peak for r in cf.roles} == {k: v for k, v in peaks.items() if k != "critic"}
+    assert cf.per_gpu == ppo.per_gpu - peaks["critic"] and "critic" not in cf.bundles
+    assert "rollout batch 64" in report(load_config(PlanConfig, None, [f"job={job}"]))[0]
+    # separate placement: three roles share the GPUs (PPO would need a fourth for its critic)
+    sep = plan(load_config(PlanConfig, None, [f"job={job}", "placement=separate",
+                                              "cluster.gpus_per_node=3"]))
+    assert {r.role: r.ranks for r in sep.roles} == {"actor": 1, "reference": 1, "reward": 1}
+    with pytest.raises(ConfigError, match="a GPU per role \\(4\\)"):
+        plan(load_config(PlanConfig, None, ["job=ppo", "placement=separate",
+                                            "cluster.gpus_per_node=3"]))
+
+
 def test_model_from_files(tmp_path):
     job = tmp_path / "job.yaml"
     job.write_text("model:\n  preset: gpt-tiny\n  vocab_size: 512\n")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from trellis.launcher.config_loader import ConfigError, load_config
+from trellis.launcher.jobs.ppo.config import PPOJobConfig
 from trellis.rl.advantages import (discounted_returns, grpo_advantages, reinforce_pp_advantages,
                                    rloo_advantages)
 from trellis.rl.dpo_loss import dpo_loss, pair_weights
@@ -98,11 +99,61 @@ def test_loss_aggregations_and_kl_loss():
 def test_algorithm_config_errors():
     from trellis.rl.ppo_config import PPOConfig
     with pytest.raises(ValueError, match="grpo needs group_size >= 2"):
-        PPOConfig(algorithm="grpo")
+        PPOConfig(algorithm="grpo", group_size=1)
+    assert PPOConfig(algorithm="rloo").group_size == 4 and PPOConfig().group_size == 1  # auto
     p = PPOConfig(algorithm="grpo", group_size=4, grpo_variant="dr_grpo")
     assert (p.kl_placement, p.policy_loss_agg, p.has_critic, p.rollout_rows) == \
         ("loss", "seq_sum_norm", False, 128)
     assert PPOConfig().kl_placement == "reward" and PPOConfig().policy_loss_agg == "token_mean"
+
+
+def test_pipeline_rl_algorithms_config():
+    from trellis.launcher.jobs.pipeline.config import PipelineConfig
+    from trellis.launcher.jobs.pipeline.stages import ppo_config, rl_settings
+    cfg = load_config(PipelineConfig, None, ["rl_algorithms=[ppo, grpo, rloo, reinforce_pp]",
+                                             "ppo_actor_lr=1e-5", "rl_actor_lr={rloo: 3e-5}"])
+    got = {a: (p.algorithm, p.prompts_per_iteration, p.group_size)
+           for a in cfg.algorithms for p in [rl_settings(cfg, a)]}
+    # every algorithm samples PPO's 64 responses per iteration
+    assert got == {"ppo": ("ppo", 64, 1), "grpo": ("grpo", 16, 4), "rloo": ("rloo", 16, 4),
+                   "reinforce_pp": ("reinforce_pp", 64, 1)}
+    lr = {a: ppo_config(cfg, Path(a), Path("sft"), [Path("rm")], Path("p"), Path("v"),
+                        algorithm=a).actor.optim.lr for a in ("ppo", "rloo")}
+    assert lr == {"ppo": 1e-5, "rloo": 3e-5}
+    auto = load_config(PipelineConfig, None, ["ppo.algorithm=grpo"])  # group_size auto: 4
+    assert auto.algorithms == ["grpo"] and rl_settings(auto, "grpo").prompts_per_iteration == 16
+    one = load_config(PipelineConfig, None, ["ppo.algorithm=grpo", "ppo.group_size=8"])
+    assert one.algorithms == ["grpo"]
+    g = rl_settings(one, "grpo")
+    assert (g.prompts_per_iteration, g.group_size) == (8, 8)
+    for sets, match in [
+            (["rl_algorithms=[ppo, ppo]"], "rl_algorithms lists an algorithm twice"),
+            (["rl_algorithms=[ppo, dqn]"], "'rl_algorithms\\[1\\]': 'dqn' is not allowed"),
+            (["rl_algorithms=[ppo, grpo]", "rlhf_rounds=2"], "needs a single algorithm"),
+            (["rl_algorithms=[grpo]", "rl_group_size=5"], "grpo's 5 responses per prompt"),
+            (["rl_actor_lr={dpo: 1e-5}"], "rl_actor_lr: dpo: 1e-05 \\(allowed: ppo")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(PipelineConfig, None, sets)
+
+
+def test_verdict_names_the_best_algorithm_and_the_others():
+    from trellis.launcher.jobs.pipeline.report import best_algorithm, verdict
+    row = lambda gold, exact: {"gold": gold, "exact": exact}  # noqa: E731
+    curve = lambda *golds: [{"iteration": 5 * i, "gold": g}  # noqa: E731
+                            for i, g in enumerate(golds)]
+    rl = {"ppo": {"curve": curve(0.7, 0.9, 0.8), "selected_iteration": 5},
+          "grpo": {"curve": curve(0.7, 0.85), "selected_iteration": None},
+          "rloo": {"curve": [], "selected_iteration": None}}
+    held_out = {"ppo": row(0.7, 0), "grpo": row(0.9, 0), "rloo": row(0.95, 0)}
+    assert best_algorithm(rl, held_out) == "ppo"  # chosen on validation, not held-out, prompts
+    assert best_algorithm({"rloo": rl["rloo"], "x": rl["rloo"]}, held_out | {"x": row(0.1, 0)}) \
+        == "rloo"  # no validation gold: held-out gold decides
+    res = {"algorithm": "grpo", "algorithms": ["ppo", "grpo", "rloo"],
+           "policies": {"sft": row(0.7, 0.2), "ppo": row(0.79, 0.4), "grpo": row(0.82, 0.45),
+                        "rloo": row(0.68, 0.2), "bon_16": row(0.76, 0.36)}}
+    v = verdict(res)
+    assert v.startswith("verdict: GRPO beats SFT on the task's gold score: 0.700 -> 0.820"), v
+    assert v.endswith("the others: PPO 0.790 (+0.090), RLOO 0.680 (-0.020)"), v
 
 
 # ---- DPO, by hand ----------------------------------------------------------------------------
@@ -171,7 +222,6 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 
 def rl_job(chain: dict, run_dir: Path, algorithm: str, *extra: str):
-    from trellis.launcher.jobs.ppo.config import PPOJobConfig
     return load_config(PPOJobConfig, None, [
         f"run_dir={run_dir}", f"actor_init={chain['sft']}", f"reward_init={chain['rm']}",
         f"prompts={chain['task'] / 'prompts_train.jsonl'}", f"eval_prompts={chain['prompts_val']}",
@@ -211,7 +261,7 @@ def test_grpo_on_ray_starts_no_critic_group(chain, tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("algorithm", ["rloo", "reinforce_pp"])
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
 def test_critic_free_resume_reproduces_next_iteration(chain, tmp_path, algorithm):
     from trellis.launcher.jobs.ppo.driver import is_done, ppo
     straight = ppo(rl_job(chain, tmp_path / "straight", algorithm, "train.steps=3"), local=True)
@@ -225,6 +275,32 @@ def test_critic_free_resume_reproduces_next_iteration(chain, tmp_path, algorithm
     assert [r["step"] for r in b] == ["1", "2", "3"]
     for key in ("score", "kl", "actor/policy_loss", "advantage_abs_mean", "response_length"):
         assert abs(float(a[2][key]) - float(b[2][key])) <= 1e-5, (key, a[2][key], b[2][key])
+
+
+@pytest.mark.integration
+def test_pipeline_runs_one_rl_stage_per_algorithm(chain):
+    """rl_algorithms: one RL stage per algorithm from the same SFT policy and RM, each in its
+    own run dir, none with a critic; the table has both rows of each, the verdict the best."""
+    from trellis.launcher.jobs.pipeline.config import PipelineConfig
+    from trellis.launcher.jobs.pipeline.driver import run_stages
+    from trellis.launcher.jobs.pipeline.report import best_algorithm, evaluate
+    root = chain["sft"].parent
+    cfg = load_config(PipelineConfig, None, [
+        f"run_dir={root}", *STAGES, "rl_algorithms=[grpo, rloo]", "ppo_iterations=2",
+        "ppo_eval_every=0", "ppo.prompts_per_iteration=16", "ppo.max_new_tokens=8",
+        "eval_prompts=8", "samples_shown=1"])
+    dirs = run_stages(cfg, local=True)
+    assert dirs["rl"] == {"grpo": root / "grpo", "rloo": root / "rloo"}
+    for alg, run in dirs["rl"].items():
+        ran = load_config(PPOJobConfig, str(run / "config.yaml"), [])
+        assert (ran.ppo.algorithm, ran.ppo.prompts_per_iteration, ran.ppo.group_size) == (alg, 4, 4)
+        assert ran.actor_init == str(chain["sft"]) and not (run / "critic").exists()
+    res = evaluate(cfg, dirs, None)
+    assert {"grpo", "grpo_last", "rloo", "rloo_last"} <= set(res["policies"])
+    assert res["algorithm"] == best_algorithm(res["rl"], res["policies"])
+    assert res["verdict"].startswith(f"verdict: {res['algorithm'].upper()} ")
+    assert "the others: " in res["verdict"] and set(res["rl"]) == {"grpo", "rloo"}
+    assert [r["iteration"] for r in res["rl"]["rloo"]["curve"]] == [0, 2]
 
 
 def dpo_job(chain: dict, run_dir: Path, *extra: str):

@@ -156,10 +156,12 @@ def test_ppo_colocated_runs(chain, tmp_path, ray_local):
 
 
 @pytest.mark.integration
-def test_ppo_worker_sigkill_of_any_role_recovers_to_same_final_metrics(chain, tmp_path, ray_local):
-    """Chaos: kill -9 of one worker of a randomly chosen role at a random iteration, with
-    train.max_failures=1: every role's group is restarted from the latest complete checkpoint
-    and the run ends exactly where an uninterrupted run ends."""
+def test_rl_worker_sigkill_of_any_role_recovers_to_same_final_metrics(chain, tmp_path, ray_local):
+    """Chaos: kill -9 of one worker of a randomly chosen role at a random iteration of PPO or
+    GRPO (chosen by the chaos seed too: one run costs ~80 s), with train.max_failures=1: every
+    role's group is restarted from the latest complete checkpoint and the run ends exactly
+    where an uninterrupted run ends. GRPO (no critic group) samples as many responses per
+    iteration: 8 prompts x 4."""
     import os
     import random
     import signal
@@ -169,14 +171,19 @@ def test_ppo_worker_sigkill_of_any_role_recovers_to_same_final_metrics(chain, tm
     import ray
 
     from trellis.launcher.jobs.ppo.driver import ppo
+    from trellis.rl.ppo_trainer import roles_of
     seed = int(os.environ.get("TRELLIS_CHAOS_SEED", time.time_ns() % 10_000))
     rng = random.Random(seed)
-    role, after = rng.choice(["actor", "critic", "reference", "reward"]), rng.randint(1, 4)
-    print(f"chaos: TRELLIS_CHAOS_SEED={seed}: kill {role}/rank0 after iteration {after}")
+    algorithm = rng.choice(["ppo", "grpo"])
+    alg = [] if algorithm == "ppo" else [f"ppo.algorithm={algorithm}", "ppo.group_size=4",
+                                         "ppo.prompts_per_iteration=8"]
+    roles = roles_of(ppo_job(chain, tmp_path, *alg).ppo)
+    role, after = rng.choice(roles), rng.randint(1, 4)
+    print(f"chaos: TRELLIS_CHAOS_SEED={seed}: kill {algorithm} {role}/rank0 after iteration "
+          f"{after}")
     common = ("train.steps=6", "checkpoint.every=2", "ppo.eval_prompts=0", "placement=separate",
               "ppo.prompts_per_iteration=32", "ppo.minibatches=2", "ppo.ppo_epochs=2",
-              *[f"{r}.parallel.cpus_per_worker=0.2" for r in ("actor", "critic", "reference",
-                                                               "reward")])
+              *alg, *[f"{r}.parallel.cpus_per_worker=0.2" for r in roles])
     straight = ppo(ppo_job(chain, tmp_path / "straight", *common))
     run = tmp_path / "killed"
     killed: list[int] = []
@@ -198,8 +205,11 @@ def test_ppo_worker_sigkill_of_any_role_recovers_to_same_final_metrics(chain, tm
     assert killed, f"{role} was never killed (seed {seed})"
     assert res["recoveries"] == 1 and res["step"] == 6, seed
     assert killed[0] not in {w["pid"] for w in res["info"][role]}  # a new worker
-    for key in ("score", "kl", "actor/policy_loss", "critic/value_loss", "response_length"):
+    keys = ["score", "kl", "actor/policy_loss", "response_length"] + \
+        (["critic/value_loss"] if "critic" in roles else ["advantage_abs_mean"])
+    for key in keys:
         assert abs(res[key] - straight[key]) <= 1e-5, (seed, key, res[key], straight[key])
+    assert set(res["info"]) == set(roles)
     assert straight["recoveries"] == 0
 
 

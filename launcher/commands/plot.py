@@ -126,20 +126,26 @@ def plot_kind(kind: str, cols: dict[str, list[float]], out: Path,
 
 
 def plot_gold_vs_kl(res: dict, path: Path) -> Path:
-    """Gold and RM score against sqrt(KL): PPO's evaluations (validation prompts, greedy
-    answers, KL to SFT on them) and best-of-n from SFT (analytic KL log n - (n-1)/n)."""
+    """Gold and RM score against sqrt(KL): each RL algorithm's evaluations (validation
+    prompts, greedy answers, KL to SFT on them) and best-of-n from SFT (analytic KL
+    log n - (n-1)/n)."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2), dpi=100)
-    bon, ppo = res.get("bon_curve", []), res.get("ppo_curve", [])
+    bon = res.get("bon_curve", [])
+    # one curve per RL algorithm of the pipeline (older results: PPO's alone)
+    curves = {a: r["curve"] for a, r in res.get("rl", {}).items()} or \
+        {"ppo": res.get("ppo_curve", [])}
     sq = lambda rows: [math.sqrt(max(r["kl"], 0.0)) for r in rows]
     for i, key in enumerate(("gold", "rm")):
         ax = fig.add_subplot(1, 2, i + 1)
         ax.set_title(f"{'gold (the task' + chr(39) + 's score)' if key == 'gold' else 'reward model score (proxy)'}")
         ax.set_xlabel("sqrt(KL to SFT)")
         ax.grid(True, alpha=0.3)
-        if ppo and all(key in r for r in ppo):
-            ax.plot(sq(ppo), [r[key] for r in ppo], marker="o", label="PPO evaluations (validation prompts)")
+        for alg, rows in curves.items():
+            if rows and all(key in r for r in rows):
+                ax.plot(sq(rows), [r[key] for r in rows], marker="o",
+                        label=f"{alg.upper()} evaluations (validation prompts)")
         if bon and all(key in r for r in bon):
             ax.plot(sq(bon), [r[key] for r in bon], marker="s", label="best-of-n by RM")
         if key == "gold" and bon and all("gold_by_gold" in r for r in bon):

@@ -1,10 +1,11 @@
 """`trellis pipeline`: the InstructGPT path on the embedded demo task, in one command:
 
   task data -> pretrain (task-format text) -> SFT (a few demonstrations) -> comparisons
-  (K SFT samples ranked by the simulated labeler) -> reward model -> PPO -> HF export
+  (K SFT samples ranked by the simulated labeler) -> reward model -> PPO (or each of
+  rl_algorithms: GRPO, RLOO, REINFORCE++) -> HF export of the best
 
 Each stage is skipped when its run dir already holds its final checkpoint. At the end a
-table compares the pretrained, SFT and PPO policies on held-out prompts."""
+table compares the pretrained, SFT and RL policies on held-out prompts."""
 from __future__ import annotations
 
 import argparse
@@ -65,8 +66,9 @@ def prepare_task(cfg: PipelineConfig, root: Path) -> dict[str, Path]:
 
 
 def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = None,
-               ppo_stage: bool = True) -> dict[str, Path]:
-    """Run each stage that is not done yet (each job says whether its run dir is)."""
+               ppo_stage: bool = True) -> dict[str, Any]:
+    """Run each stage that is not done yet (each job says whether its run dir is). The RL
+    stages' run dirs are under "rl", by algorithm."""
     from trellis.data_pipeline.tokenizer import Tokenizer
     from trellis.launcher.jobs.finetune import driver as finetune
     from trellis.launcher.jobs.pipeline import stages
@@ -75,7 +77,7 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
     root = Path(cfg.run_dir)
     root.mkdir(parents=True, exist_ok=True)
     p = prepare_task(cfg, root)
-    dirs = {s: root / s for s in ("pretrain", "sft", "rm", "ppo")}
+    dirs: dict[str, Any] = {s: root / s for s in ("pretrain", "sft", "rm")} | {"rl": {}}
     vocab = Tokenizer(p["tokenizer"]).vocab_size  # SentencePiece may stop below the request
     job = stages.pretrain_config(cfg, dirs["pretrain"], p["pretrain_data"], p["tokenizer"], vocab)
     _run_stage("pretrain", pretrain.is_done(job), pretrain.pretrain, job, local, address)
@@ -107,12 +109,17 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
         if not ppo_stage:
             break
         from trellis.launcher.jobs.ppo import driver as ppo
-        dirs["ppo"] = root / f"ppo{sfx}"
-        job = stages.ppo_config(cfg, dirs["ppo"], policy, rms, p["prompts_train"],
-                                p["prompts_val"], heldout, reference=dirs["sft"])
-        _run_stage("PPO" + (f" (round {r} of {cfg.rlhf_rounds})" if cfg.rlhf_rounds > 1 else ""),
-                   ppo.is_done(job), ppo.ppo, job, local, address)
-        policy = _selected(dirs["ppo"])
+        for alg in cfg.algorithms:  # every algorithm from the same policy and reward models
+            dirs["rl"][alg] = root / f"{alg}{sfx}"
+            job = stages.ppo_config(cfg, dirs["rl"][alg], policy, rms, p["prompts_train"],
+                                    p["prompts_val"], heldout, reference=dirs["sft"],
+                                    algorithm=alg)
+            g = job.ppo.group_size
+            _run_stage(alg.upper() + (f" ({job.ppo.prompts_per_iteration} prompts x {g} "
+                                      f"responses per iteration)" if g > 1 else "")
+                       + (f" (round {r} of {cfg.rlhf_rounds})" if cfg.rlhf_rounds > 1 else ""),
+                       ppo.is_done(job), ppo.ppo, job, local, address)
+        policy = _selected(dirs["rl"][cfg.algorithms[0]])  # rounds > 1: one algorithm
     return dirs | {"task": root / "task", "tokenizer": p["tokenizer"],
                    "prompts_eval": p["prompts_eval"], "prompts_val": p["prompts_val"],
                    "format_gate": gate}
@@ -190,17 +197,18 @@ def pipeline(cfg: PipelineConfig, local: bool = False, address: str | None = Non
     cpu_defaults()
     t0 = time.perf_counter()
     dirs = run_stages(cfg, local, address)
+    res = evaluate(cfg, dirs, dirs["format_gate"])
+    (Path(cfg.run_dir) / "results.json").write_text(json.dumps(res, indent=2) + "\n")
+    print_report(res)
     out = Path(cfg.run_dir) / "export"
-    policy = _selected(dirs["ppo"])
+    policy = _selected(dirs["rl"][res["algorithm"]])  # the verdict's (best) algorithm
     if is_module_dir(policy):  # the selected iteration's weight files
         export_weights(policy, out, policy / TOKENIZER_FILE, source=policy)
     else:
         export(policy, out)
-    res = evaluate(cfg, dirs, dirs["format_gate"])
-    (Path(cfg.run_dir) / "results.json").write_text(json.dumps(res, indent=2) + "\n")
-    print_report(res)
-    print(f"exported the PPO policy to {out} (Hugging Face GPT-2 format); pipeline wall "
-          f"time {time.perf_counter() - t0:.0f} s; results in {cfg.run_dir}/results.json")
+    print(f"exported the {res['algorithm'].upper()} policy to {out} (Hugging Face GPT-2 "
+          f"format); pipeline wall time {time.perf_counter() - t0:.0f} s; results in "
+          f"{cfg.run_dir}/results.json")
     return res
 
 

@@ -4,7 +4,12 @@ the baseline RL must beat, the PPO run's held-out curve, how well the RM agrees 
 on the policy's own samples, and the one-line verdict. Written to RUN_DIR/results.json:
 
   {"policies": {name: {"gold", "exact", "rm", "kl", "format"}}, "bon_curve": [...],
-   "ppo_curve": [...], "reward_model": {...}, "format_gate": {...}, "verdict": str}
+   "rl": {algorithm: {"curve": [...], "selected_iteration"}}, "algorithms": [...],
+   "algorithm": the best by validation gold (its curve is also "ppo_curve"), "reward_model": {...},
+   "format_gate": {...}, "verdict": str}
+
+Each RL algorithm has two rows: <algorithm> (the iteration selected on validation prompts)
+and <algorithm>_last.
 
 KL columns: greedy answers' summed log-ratio to the SFT policy for the trained policies;
 best-of-n's analytic KL to its sampling policy, log n - (n-1)/n."""
@@ -94,7 +99,7 @@ def best_of_n(sft, reward, tok, prompts: list[str], cfg: PipelineConfig
 
 
 def ppo_curve(ppo_dir: Path) -> list[dict[str, float]]:
-    """The PPO run's held-out evaluations (validation prompts), one per iteration (a resumed
+    """An RL run's held-out evaluations (validation prompts), one per iteration (a resumed
     run's repeated evaluations: the last one counts)."""
     from trellis.launcher.jobs.ppo.driver import EVALS
     path = ppo_dir / EVALS
@@ -104,7 +109,7 @@ def ppo_curve(ppo_dir: Path) -> list[dict[str, float]]:
     return [by_it[k] for k in sorted(by_it)]
 
 
-def evaluate(cfg: PipelineConfig, dirs: dict[str, Path], gate: dict[str, float] | None
+def evaluate(cfg: PipelineConfig, dirs: dict[str, Any], gate: dict[str, float] | None
              ) -> dict[str, Any]:
     from trellis.data_pipeline.tokenizer import Tokenizer
     from trellis.launcher.jobs.ppo.driver import BEST
@@ -114,11 +119,10 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Path], gate: dict[str, float] 
     tok = Tokenizer(dirs["tokenizer"])
     prompts = _prompts(dirs["prompts_eval"], cfg.eval_prompts)
     reward, sft = _load(dirs["rm"], root, "rm"), _load(dirs["sft"], root, "sft")
-    best = dirs["ppo"] / BEST
-    alg = cfg.ppo.algorithm  # the RL stage's rows are named after its algorithm
-    sources = {"pretrained": dirs["pretrain"], "sft": dirs["sft"],
-               alg: best if best.is_dir() else dirs["ppo"] / "actor",
-               f"{alg}_last": dirs["ppo"] / "actor"}
+    sources = {"pretrained": dirs["pretrain"], "sft": dirs["sft"]}
+    for alg, run in dirs["rl"].items():  # each RL stage's rows are named after its algorithm
+        sources |= {alg: run / BEST if (run / BEST).is_dir() else run / "actor",
+                    f"{alg}_last": run / "actor"}
     policies, samples = {}, {}
     for name, src in sources.items():
         policy = sft if name == "sft" else _load(src, root, name)
@@ -128,15 +132,32 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Path], gate: dict[str, float] 
     for r in curve:
         if r["n"] in (4, 16):
             policies[f"bon_{r['n']}"] = {k: r[k] for k in ("gold", "exact", "rm", "kl")}
-    selected = read_meta(best).get("iteration") if best.is_dir() else None
-    out = {"prompts": len(prompts), "algorithm": alg, "policies": policies, "bon_curve": curve,
-           "ppo_curve": ppo_curve(dirs["ppo"]), "ppo_selected_iteration": selected,
+    rl = {alg: {"curve": ppo_curve(run), "selected_iteration":
+                read_meta(run / BEST).get("iteration") if (run / BEST).is_dir() else None}
+          for alg, run in dirs["rl"].items()}
+    best = best_algorithm(rl, policies)  # the delivered (exported) policy
+    out = {"prompts": len(prompts), "algorithm": best, "algorithms": list(rl),
+           "policies": policies, "bon_curve": curve, "rl": rl,
+           "ppo_curve": rl[best]["curve"], "ppo_selected_iteration": rl[best]["selected_iteration"],
            "reward_model": agreement, "format_gate": gate, "samples": samples}
     out["verdict"] = verdict(out)
     return out
 
 
+def best_algorithm(rl: dict[str, dict], policies: dict[str, dict]) -> str:
+    """The RL algorithm whose selected iteration scored the best gold on the validation
+    prompts (the held-out prompts only report it); held-out gold decides without one."""
+    def key(alg: str) -> tuple[float, float]:
+        curve = {e["iteration"]: e for e in rl[alg]["curve"]}
+        chosen = curve.get(rl[alg]["selected_iteration"]) or \
+            (rl[alg]["curve"][-1] if curve else {})
+        return chosen.get("gold", float("-inf")), policies[alg]["gold"]
+    return max(rl, key=key)
+
+
 def verdict(res: dict[str, Any]) -> str:
+    """The best algorithm (held-out gold of its selected iteration) against SFT and
+    best-of-16; the other algorithms' gold after it."""
     p, alg = res["policies"], res.get("algorithm", "ppo")
     ppo, sft, bon = p[alg], p["sft"], p.get("bon_16")
     d = ppo["gold"] - sft["gold"]
@@ -146,16 +167,20 @@ def verdict(res: dict[str, Any]) -> str:
             f"{ppo['gold']:.3f} ({d:+.3f}); exact {sft['exact']:.0%} -> {ppo['exact']:.0%}")
     if bon:
         line += f"; vs best-of-16 by RM {bon['gold']:.3f} ({ppo['gold'] - bon['gold']:+.3f})"
+    others = [a for a in res.get("algorithms", [alg]) if a != alg]
+    if others:
+        line += "; the others: " + ", ".join(
+            f"{a.upper()} {p[a]['gold']:.3f} ({p[a]['gold'] - sft['gold']:+.3f})" for a in others)
     return line
 
 
 def print_report(res: dict[str, Any]) -> None:
     print(f"\nheld-out prompts: {res['prompts']} (gold = the task's own score; rm = the "
           f"reward model's, the proxy PPO optimises)")
-    print(f"{'policy':<11} {'gold':>7} {'exact':>7} {'RM':>8} {'KL':>7} {'format':>7}")
+    print(f"{'policy':<17} {'gold':>7} {'exact':>7} {'RM':>8} {'KL':>7} {'format':>7}")
     for name, r in res["policies"].items():
         fmt = f"{r['format']:>7.0%}" if "format" in r else f"{'':>7}"
-        print(f"{name:<11} {r['gold']:>7.3f} {r['exact']:>7.1%} {r['rm']:>8.3f} "
+        print(f"{name:<17} {r['gold']:>7.3f} {r['exact']:>7.1%} {r['rm']:>8.3f} "
               f"{r['kl']:>7.3f} {fmt}")
     rm = res["reward_model"]
     print(f"reward model on SFT samples: pairwise accuracy {rm['pairwise_accuracy']:.3f} "
@@ -164,10 +189,10 @@ def print_report(res: dict[str, Any]) -> None:
     print("best-of-n from SFT: " + "  ".join(
         f"n={r['n']} gold {r['gold']:.3f} (ceiling {r['gold_by_gold']:.3f})"
         for r in res["bon_curve"]))
-    if res.get("ppo_selected_iteration") is not None:
-        alg = res.get("algorithm", "ppo")
-        print(f"{alg} = the iteration chosen on validation prompts: "
-              f"{res['ppo_selected_iteration']}; {alg}_last = the final one")
+    for alg, r in res.get("rl", {}).items():
+        if r["selected_iteration"] is not None:
+            print(f"{alg} = the iteration chosen on validation prompts: "
+                  f"{r['selected_iteration']}; {alg}_last = the final one")
     for name, pairs in res["samples"].items():
         print(f"\n{name} answers:")
         for prompt, resp in pairs:

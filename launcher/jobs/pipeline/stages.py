@@ -11,6 +11,7 @@ from trellis.launcher.config_loader import from_dict
 from trellis.launcher.jobs.finetune.config import RMJobConfig, RowsConfig, SFTJobConfig
 from trellis.launcher.jobs.pipeline.config import PipelineConfig, StageConfig
 from trellis.launcher.jobs.ppo.config import PPOJobConfig
+from trellis.rl.ppo_config import PPOConfig
 from trellis.launcher.jobs.pretrain.config import PretrainJobConfig
 
 T = TypeVar("T")
@@ -68,10 +69,20 @@ def rm_config(cfg: PipelineConfig, run_dir: Path, init: Path, comparisons: Path,
     return _checked(replace(job, seed=seed, data=replace(job.data, seed=seed)))
 
 
+def rl_settings(cfg: PipelineConfig, algorithm: str) -> PPOConfig:
+    """ppo.* for one RL stage: the algorithm, and its responses per prompt G taken from the
+    same responses per iteration (ppo.prompts_per_iteration / G prompts, G responses each)."""
+    g = cfg.group_size_of(algorithm)
+    return replace(cfg.ppo, algorithm=algorithm, group_size=g,
+                   prompts_per_iteration=cfg.ppo.prompts_per_iteration // g,
+                   eval_prompts=cfg.task.n_val_prompts)
+
+
 def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rms: list[Path],
                prompts: Path, val_prompts: Path, heldout_rm: Path | None = None,
-               reference: Path | None = None) -> PPOJobConfig:
-    """PPO from `sft` (or a later round's policy, with the SFT policy as `reference`)."""
+               reference: Path | None = None, algorithm: str = "ppo") -> PPOJobConfig:
+    """An RL stage (`algorithm`, see rl_settings) from `sft` (or a later round's policy,
+    with the SFT policy as `reference`)."""
     job = PPOJobConfig(actor_init=str(sft), reward_init=str(rms[0]),
                        reference_init=str(reference) if reference and reference != sft else "",
                        reward_members=[str(r) for r in rms[1:]],
@@ -86,10 +97,11 @@ def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rms: list[Path],
             replace(r, parallel=par, optim=replace(r.optim, lr=lr))
 
     job = replace(job, run_dir=str(run_dir), seed=cfg.seed, placement=cfg.placement,
-                  ppo=replace(cfg.ppo, eval_prompts=cfg.task.n_val_prompts),
+                  ppo=rl_settings(cfg, algorithm),
                   train=replace(job.train, steps=cfg.ppo_iterations, eval_every=cfg.ppo_eval_every,
                                 max_failures=cfg.max_failures),
-                  actor=role(job.actor, cfg.ppo_actor_lr), critic=role(job.critic, cfg.ppo_critic_lr),
+                  actor=role(job.actor, cfg.rl_actor_lr.get(algorithm, cfg.ppo_actor_lr)),
+                  critic=role(job.critic, cfg.ppo_critic_lr),
                   reference=role(job.reference), reward=role(job.reward),
                   metrics=replace(job.metrics, port=-1))
     return _checked(job)

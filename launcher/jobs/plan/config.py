@@ -6,7 +6,7 @@ from typing import Literal
 
 from trellis.parallel.config import ParallelConfig
 
-JOBS = ("pretrain", "sft", "rm", "ppo", "grpo", "dpo")
+JOBS = ("pretrain", "sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo")
 
 
 @dataclass
@@ -50,9 +50,11 @@ class PlanConfig:
     section, or model.json / run_model.json) or a Hugging Face config.json."""
     reward_model: str = ""
     """RL and rm: the reward model (and critic) in the same forms; empty = `model`."""
-    job: Literal["pretrain", "sft", "rm", "ppo", "grpo", "dpo"] = "pretrain"
+    job: Literal["pretrain", "sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp", "dpo"] = \
+        "pretrain"
     """pretrain/sft: one trained LM; rm: one trained score model; ppo: actor + critic
-    trained, reference + reward frozen; grpo: no critic; dpo: policy trained, reference frozen."""
+    trained, reference + reward frozen; grpo, rloo, reinforce_pp: the same without a critic
+    (critic-free advantages); dpo: policy trained, reference frozen."""
     placement: Literal["colocate", "separate"] = "colocate"
     """Several roles: colocate = every role on every GPU (its own engine, ZeRO over all of
     them); separate = the GPUs split between the roles (role_gpus, else evenly)."""

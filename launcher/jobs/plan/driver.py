@@ -13,7 +13,7 @@ from typing import Any
 from trellis.launcher.config_loader import load_config
 from trellis.launcher.job_flags import add_job_arguments
 from trellis.launcher.jobs.plan.config import PlanConfig
-from trellis.launcher.jobs.plan.estimate import (Fix, Plan, gib, plan, resolve_shape,
+from trellis.launcher.jobs.plan.estimate import (RL, Fix, Plan, gib, plan, resolve_shape,
                                                  suggestions)
 
 TABLE_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "llama-2-7b", "llama-2-13b",
@@ -37,7 +37,7 @@ def header(cfg: PlanConfig, p: Plan) -> str:
     where = (f"{c.nodes} node(s) x {c.gpus_per_node} GPU x {c.gpu_memory_gib:g} GiB"
              if c.gpus_per_node else f"{c.nodes} node(s) x {c.cpu_ranks_per_node} CPU rank(s)")
     seq = (f"{w.prompt_len} prompt + {w.max_new_tokens} new tokens, rollout batch "
-           f"{w.rollout_batch}" if cfg.job in ("ppo", "grpo") else f"seq {w.seq_len}")
+           f"{w.rollout_batch}" if cfg.job in RL else f"seq {w.seq_len}")
     return (f"{cfg.job} of {shape.name} ({shape.params / 1e6:,.1f}M params"
             + (f"; reward model {cfg.reward_model}" if cfg.reward_model else "")
             + f") on {where}, {cfg.placement}, ZeRO-{par.zero_stage} {par.precision}"

@@ -17,18 +17,19 @@ from trellis.parallel.config import ParallelConfig
 from trellis.parallel.memory_plan import RoleMemory, Workload, role_memory
 
 GIB = 1 << 30
+RL = ("ppo", "grpo", "rloo", "reinforce_pp")
+_PPO = [("actor", True, "model", "lm"), ("critic", True, "reward", "value"),
+        ("reference", False, "model", "lm"), ("reward", False, "reward", "score")]
 # role -> (trained, which model, head) per job kind
 ROLES: dict[str, list[tuple[str, bool, str, str]]] = {
     "pretrain": [("pretrain", True, "model", "lm")],
     "sft": [("sft", True, "model", "lm")],
     "rm": [("rm", True, "reward", "score")],
     "dpo": [("policy", True, "model", "lm"), ("reference", False, "model", "lm")],
-    "ppo": [("actor", True, "model", "lm"), ("critic", True, "reward", "value"),
-            ("reference", False, "model", "lm"), ("reward", False, "reward", "score")],
-    "grpo": [("actor", True, "model", "lm"), ("reference", False, "model", "lm"),
-             ("reward", False, "reward", "score")],
+    "ppo": _PPO,
+    # the critic-free algorithms start no critic group (rl.ppo_trainer.roles_of)
+    **{job: [r for r in _PPO if r[0] != "critic"] for job in RL[1:]},
 }
-RL = ("ppo", "grpo")
 
 
 def resolve_shape(spec: str, head: str) -> ModelShape:
