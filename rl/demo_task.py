@@ -81,8 +81,9 @@ class DemoTaskConfig:
     """PPO prompts (no answers)."""
     n_eval_prompts: int = field(default=200, metadata={"min": 1})
     """Held-out prompts for measuring the policy's score (the final table)."""
-    n_val_prompts: int = field(default=100, metadata={"min": 1})
-    """Held-out prompts of other item sets, for choosing RL checkpoints (never the table's)."""
+    n_val_prompts: int = field(default=200, metadata={"min": 1})
+    """Held-out prompts of other item sets, for choosing RL checkpoints (never the table's);
+    fewer make the choice noisier (the selected iteration's validation score overstates it)."""
     label_noise: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
     """Probability the simulated labeler judges a response by a random score instead."""
 

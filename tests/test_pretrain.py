@@ -85,25 +85,15 @@ def test_zero2_lowers_loss_and_writes_checkpoints(zero2_run):
 
 
 @pytest.mark.parametrize("stage", [1, 3])
-def test_zero_stages_train_and_zero3_partitions(tmp_path, corpus, ray_local, stage):
-    from trellis.launcher.jobs.pretrain.driver import pretrain_spec
-    from trellis.launcher.driver_loop import make_group
-
+def test_zero_stages_train_through_the_job(tmp_path, corpus, ray_local, stage):
+    """The job trains at ZeRO-1 and ZeRO-3 too (the partition sizes of each stage are checked
+    on the engine itself in test_parallel_workers.py)."""
     cfg = job(tmp_path, corpus, "parallel.num_workers=2", f"parallel.zero_stage={stage}",
               "train.steps=10")
-    pretrain(cfg)
+    result = pretrain(cfg)
     curve = losses(tmp_path)
     assert curve[10] < curve[1] - 0.3, curve
-    if stage == 3:
-        group = make_group(cfg, pretrain_spec(cfg), local=False, address=None)
-        try:
-            numel = group.call("param_numel")
-        finally:
-            group.shutdown()
-        assert all(n["zero_stage"] == 3 for n in numel)
-        for n in numel:  # each rank holds about half of every parameter
-            assert 0.45 <= n["local"] / n["global"] <= 0.55, numel
-        assert sum(n["local"] for n in numel) >= numel[0]["global"]
+    assert result["step"] == 10
 
 
 def test_resume_is_exact(tmp_path, corpus, ray_local, zero2_run):

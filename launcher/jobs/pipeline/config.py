@@ -84,8 +84,10 @@ class PipelineConfig:
     ppo_critic_lr: float = field(default=5e-4, metadata={"min": 0.0})
     max_failures: int = field(default=0, metadata={"min": 0})
     """Worker deaths each training stage recovers from (its train.max_failures)."""
-    ppo_iterations: int = field(default=60, metadata={"min": 1})
-    """PPO iterations (rollout + PPO epochs); the PPO job's train.steps."""
+    ppo_iterations: int = field(default=120, metadata={"min": 1})
+    """PPO iterations (rollout + PPO epochs); the PPO job's train.steps. Measured on the demo
+    (seed 0): validation gold still rises from 60 (0.84) to 90 (0.87) with the KL to SFT
+    nearly flat (2.4 -> 3.1 nats)."""
     ppo_eval_every: int = field(default=5, metadata={"min": 0})
     """PPO iterations between evaluations on the validation prompts (gold, RM, KL); the
     selection picks among them; 0 = start and end only."""
@@ -115,8 +117,9 @@ class PipelineConfig:
     e.g. a word not in the prompt: it preferred the right answer over a wrong-word one 58%
     of the time); or half of each ("mixed", the default: the policy's own answers next to
     clear gradations)."""
-    eval_prompts: int = field(default=100, metadata={"min": 1})
-    """Held-out prompts in the results table."""
+    eval_prompts: int = field(default=200, metadata={"min": 1})
+    """Held-out prompts in the results table (at most task.n_eval_prompts). At 100 the
+    table's PPO-SFT difference moved by about 0.01-0.02 with the prompt sample."""
     samples_shown: int = field(default=4, metadata={"min": 0})
     """Example answers printed per policy."""
 
