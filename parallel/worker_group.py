@@ -100,7 +100,9 @@ def ensure_ray(address: str | None = None, num_cpus: float | None = None,
     if address:
         ray.init(address=address, log_to_driver=log_to_driver, namespace=namespace)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=include_dashboard,
+        # "local": a new instance even when /tmp/ray/ray_current_cluster names another (a
+        # stale file left by a killed `ray start` would otherwise make ray.init connect there).
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard,
                  _node_ip_address="127.0.0.1", log_to_driver=log_to_driver, namespace=namespace)
 
 

@@ -147,7 +147,7 @@ def test_ray_backend_matches_processes(tmp_path, tok):
     write_default_corpus(tmp_path / "corpus")
     ref = ingest([str(tmp_path / "corpus")], tok, tmp_path / "p", shard_tokens=20_000,
                  processes=1, progress=False)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         m = ingest([str(tmp_path / "corpus")], tok, tmp_path / "r", shard_tokens=20_000,
                    backend="ray", progress=False)

@@ -40,10 +40,12 @@ def cluster():
                 head_node_args={"num_cpus": 0, "_system_config": HEALTH, **LOOPBACK})
     c.add_node(num_cpus=2, resources={"node_a": 1, "pool": 1}, **LOOPBACK)
     c.add_node(num_cpus=2, resources={"node_b": 1, "pool": 1, "survivor": 1}, **LOOPBACK)
-    ray.init(address=c.address, log_to_driver=False)
-    yield c
-    ray.shutdown()
-    c.shutdown()
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        yield c
+    finally:  # Cluster names itself in /tmp/ray/ray_current_cluster until shut down
+        ray.shutdown()
+        c.shutdown()
 
 
 def base(tmp_path: Path, corpus: dict, *extra: str):
@@ -54,7 +56,7 @@ def base(tmp_path: Path, corpus: dict, *extra: str):
 
 
 class Watcher:
-    """Reads where each rank's actor runs (its node id, asked of the actor itself) while a
+    """Reads where each rank's actor runs (its node id, from Ray's actor table) while a
     job runs; optionally acts once the job has logged `at_step`."""
 
     def __init__(self, run_dir: Path, names: tuple[str, ...] = ("pretrain/rank0", "pretrain/rank1"),
@@ -72,7 +74,7 @@ class Watcher:
             try:
                 for n in self.names:
                     if n not in self.nodes:
-                        self.nodes[n] = ray.get(ray.get_actor(n).node_id.remote(), timeout=30)
+                        self.nodes[n] = actor_node(n)
             except Exception:  # not started yet, or between sessions
                 pass
             done = len(self.nodes) == len(self.names)
@@ -87,6 +89,16 @@ class Watcher:
 
     def join(self, timeout_s: float = 10) -> None:
         self.thread.join(timeout=timeout_s)
+
+
+def actor_node(name: str) -> str:
+    """The node id of a named live actor, from Ray's actor table (the GCS): asking the actor
+    itself queues behind its running method, and under load a short job can end first."""
+    from ray._private.state import actors
+    info = actors(actor_id=ray.get_actor(name)._actor_id.hex())
+    if info.get("State") != "ALIVE":
+        raise LookupError(f"{name} is not alive yet")
+    return info["Address"]["NodeID"]
 
 
 def kill_node(cluster, node_id: str):

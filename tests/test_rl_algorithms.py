@@ -288,7 +288,7 @@ def test_pipeline_runs_one_rl_stage_per_algorithm(chain):
     cfg = load_config(PipelineConfig, None, [
         f"run_dir={root}", *STAGES, "rl_algorithms=[grpo, rloo]", "ppo_iterations=2",
         "ppo_eval_every=0", "ppo.prompts_per_iteration=16", "ppo.max_new_tokens=8",
-        "eval_prompts=8", "task.n_val_prompts=16", "samples_shown=1"])
+        "eval_prompts=8", "samples_shown=1"])
     dirs = run_stages(cfg, local=True)
     assert dirs["rl"] == {"grpo": root / "grpo", "rloo": root / "rloo"}
     for alg, run in dirs["rl"].items():
