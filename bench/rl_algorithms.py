@@ -7,9 +7,9 @@
 2. trellis DPO on the demo's ranked comparisons: pairs/s (median over steps 2..N).
 3. When `trl` is importable (`pip install -e .[bench]`), TRL's GRPOTrainer and RLOOTrainer
    (no vLLM, CPU) and DPOTrainer on the same weights exported to Hugging Face format, as
-   ratios trellis/TRL (goals: GRPO, RLOO >= 2x; DPO >= 1.5x). The TRL path is untested here:
-   trl is not installed in this environment; an API drift prints a note, never hides
-   trellis's numbers. Without trl the bench says so and prints trellis's side only.
+   ratios trellis/TRL (goals: GRPO, RLOO >= 2x; DPO >= 1.5x). Run against TRL 1.16; an API
+   drift prints a note, never hides trellis's numbers. Without trl the bench says so and
+   prints trellis's side only.
 
     python bench/rl_algorithms.py [--iterations 5] [--prompts 8] [--group 4] [--new-tokens 12]
 """
@@ -68,6 +68,7 @@ def run_dpo(assets: dict[str, Path], root: Path, args: argparse.Namespace) -> di
         rows = [{k: float(v) for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
     steady = rows[1:] or rows
     return {"pairs_per_second": statistics.median(r["pairs_per_second"] for r in steady),
+            "pairs_per_step": statistics.median(r["pairs"] for r in steady),
             "share/reference": sum(r.get("phase_seconds/reference_wall", 0) for r in steady)
             / sum(r["pairs"] / r["pairs_per_second"] for r in steady),
             "job_seconds": time.perf_counter() - t0}
@@ -98,28 +99,48 @@ def _stamps():
     return stamps, Stamp()
 
 
-def _rate(t0: float, stamps: list[float], per_step: int) -> float:
+def _rate(t0: float, stamps: list[float], per_unit: int, steps_per_unit: int = 1) -> float:
+    """`per_unit` samples per `steps_per_unit` optimizer steps (GRPO/RLOO: one generation
+    then its reuse), median over units after the first."""
     gaps = [b - a for a, b in zip([t0, *stamps], stamps)]
-    return per_step / statistics.median(gaps[1:] or gaps)
+    units = [sum(gaps[i:i + steps_per_unit]) for i in range(0, len(gaps), steps_per_unit)]
+    return per_unit / statistics.median(units[1:] or units)
+
+
+def _first_tokens(model: Any, n: int) -> Any:
+    """TRL scores prompt + decoded completion re-tokenized, which can outgrow the tiny model's
+    context (a random policy's pieces re-split): score the first `n` tokens (right-padded)."""
+    import torch
+
+    class FirstTokens(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model, self.config = model, model.config  # TRL names the reward by its config
+
+        def forward(self, input_ids: Any, attention_mask: Any, **kw: Any) -> Any:
+            return self.model(input_ids=input_ids[:, :n], attention_mask=attention_mask[:, :n])
+    return FirstTokens()
 
 
 def run_trl_online(assets: dict[str, Path], root: Path, args: argparse.Namespace,
                    which: str) -> dict[str, float]:
-    """TRL GRPOTrainer / RLOOTrainer: same prompts, group, response length, 2 epochs."""
+    """TRL GRPOTrainer / RLOOTrainer: same prompts, group, response length; each generation
+    trained as trellis does, 2 epochs x 2 minibatches (4 optimizer steps)."""
     import trl
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     hf_dir, tok = _hf(assets, root)
     rm = AutoModelForSequenceClassification.from_pretrained(hf_dir, num_labels=1)
     rm.config.pad_token_id = 0
+    rm = _first_tokens(rm, bench_ppo.SEQ)
     prompts = [json.loads(line)["prompt"] for line in open(assets["prompts"])]
     ds = Dataset.from_dict({"prompt": prompts})
     Config, Trainer = (trl.GRPOConfig, trl.GRPOTrainer) if which == "grpo" else \
         (trl.RLOOConfig, trl.RLOOTrainer)
     rows = args.prompts * args.group
-    targs = Config(output_dir=str(root / f"trl-{which}"), per_device_train_batch_size=rows,
-                   num_generations=args.group, max_completion_length=args.new_tokens,
-                   num_iterations=2, max_steps=args.iterations * 2, use_cpu=True,
+    targs = Config(output_dir=str(root / f"trl-{which}"), per_device_train_batch_size=rows // 2,
+                   steps_per_generation=2, num_generations=args.group, max_completion_length=args.new_tokens,
+                   num_iterations=2, max_steps=args.iterations * 4, use_cpu=True,
                    report_to="none", save_strategy="no", logging_steps=10 ** 6, seed=0,
                    bf16=False)
     stamps, cb = _stamps()
@@ -127,10 +148,12 @@ def run_trl_online(assets: dict[str, Path], root: Path, args: argparse.Namespace
                       processing_class=tok, reward_processing_classes=tok, callbacks=[cb])
     t0 = time.perf_counter()
     trainer.train()
-    return {"samples_per_second": _rate(t0, stamps, rows), "job_seconds": time.perf_counter() - t0}
+    return {"samples_per_second": _rate(t0, stamps, rows, steps_per_unit=4),
+            "job_seconds": time.perf_counter() - t0}
 
 
-def run_trl_dpo(assets: dict[str, Path], root: Path, args: argparse.Namespace) -> dict[str, float]:
+def run_trl_dpo(assets: dict[str, Path], root: Path, args: argparse.Namespace,
+                per_step: int) -> dict[str, float]:
     import trl
     from datasets import Dataset
     hf_dir, tok = _hf(assets, root)
@@ -141,8 +164,9 @@ def run_trl_dpo(assets: dict[str, Path], root: Path, args: argparse.Namespace) -
         pairs += [{"prompt": r["prompt"], "chosen": r["responses"][a], "rejected": r["responses"][b]}
                   for i, a in enumerate(order) for b in order[i + 1:]
                   if r["ranking"][a] < r["ranking"][b]]
-    per_step = max(1, args.prompts * 3)  # about the pairs of `prompts` rankings
+    # 56 = trellis's max_prompt_len 32 + max_response_len 24 (run_dpo), inside the context
     targs = trl.DPOConfig(output_dir=str(root / "trl-dpo"), per_device_train_batch_size=per_step,
+                          max_length=56, truncation_mode="keep_start",
                           max_steps=args.iterations, use_cpu=True, report_to="none",
                           save_strategy="no", logging_steps=10 ** 6, seed=0, bf16=False)
     stamps, cb = _stamps()
@@ -193,7 +217,7 @@ def main() -> int:
             except Exception as e:  # an API drift in TRL must not hide trellis's numbers
                 print(f"TRL {which}: failed ({type(e).__name__}: {e}); no ratio")
         try:
-            t = run_trl_dpo(assets, root, args)
+            t = run_trl_dpo(assets, root, args, round(d["pairs_per_step"]))  # trellis's batch
             print(f"dpo: trellis / TRL pairs/s {d['pairs_per_second'] / t['pairs_per_second']:.2f}x "
                   f"(TRL {t['pairs_per_second']:.1f}; goal >= 1.5x)")
         except Exception as e:
