@@ -130,6 +130,8 @@ def test_pipeline_rl_algorithms_config():
             (["rl_algorithms=[ppo, ppo]"], "rl_algorithms lists an algorithm twice"),
             (["rl_algorithms=[ppo, dqn]"], "'rl_algorithms\\[1\\]': 'dqn' is not allowed"),
             (["rl_algorithms=[ppo, grpo]", "rlhf_rounds=2"], "needs a single algorithm"),
+            (["rl_algorithms=[dpo]", "rlhf_rounds=2"], "needs ppo, grpo, rloo or reinforce_pp"),
+            (["rl_algorithms=[dpo]", "dpo.beta=0"], "'dpo.beta'"),
             (["rl_algorithms=[grpo]", "rl_group_size=5"], "grpo's 5 responses per prompt"),
             (["rl_actor_lr={dpo: 1e-5}"], "rl_actor_lr: dpo: 1e-05 \\(allowed: ppo")]:
         with pytest.raises(ConfigError, match=match):
@@ -280,27 +282,38 @@ def test_critic_free_resume_reproduces_next_iteration(chain, tmp_path, algorithm
 @pytest.mark.integration
 def test_pipeline_runs_one_rl_stage_per_algorithm(chain):
     """rl_algorithms: one RL stage per algorithm from the same SFT policy and RM, each in its
-    own run dir, none with a critic; the table has both rows of each, the verdict the best."""
+    own run dir, none with a critic; DPO on the RM's comparisons; the table has a row per
+    algorithm (and the _last row of the online ones), the verdict the best."""
+    from trellis.launcher.jobs.dpo.config import DPOJobConfig
     from trellis.launcher.jobs.pipeline.config import PipelineConfig
     from trellis.launcher.jobs.pipeline.driver import run_stages
     from trellis.launcher.jobs.pipeline.report import best_algorithm, evaluate
     root = chain["sft"].parent
     cfg = load_config(PipelineConfig, None, [
-        f"run_dir={root}", *STAGES, "rl_algorithms=[grpo, rloo]", "ppo_iterations=2",
+        f"run_dir={root}", *STAGES, "rl_algorithms=[grpo, dpo]", "ppo_iterations=2",
         "ppo_eval_every=0", "ppo.prompts_per_iteration=16", "ppo.max_new_tokens=8",
-        "eval_prompts=8", "samples_shown=1"])
+        "dpo_stage.steps=3", "dpo.prompts_per_step=8", "eval_prompts=8", "samples_shown=1"])
     dirs = run_stages(cfg, local=True)
-    assert dirs["rl"] == {"grpo": root / "grpo", "rloo": root / "rloo"}
-    for alg, run in dirs["rl"].items():
-        ran = load_config(PPOJobConfig, str(run / "config.yaml"), [])
-        assert (ran.ppo.algorithm, ran.ppo.prompts_per_iteration, ran.ppo.group_size) == (alg, 4, 4)
-        assert ran.actor_init == str(chain["sft"]) and not (run / "critic").exists()
+    assert dirs["rl"] == {"grpo": root / "grpo", "dpo": root / "dpo"}
+    ran = load_config(PPOJobConfig, str(root / "grpo" / "config.yaml"), [])
+    assert (ran.ppo.algorithm, ran.ppo.prompts_per_iteration, ran.ppo.group_size) == ("grpo", 4, 4)
+    assert ran.actor_init == str(chain["sft"]) and not (root / "grpo" / "critic").exists()
+    ran = load_config(DPOJobConfig, str(root / "dpo" / "config.yaml"), [])
+    assert ran.policy_init == str(chain["sft"]) and ran.train.steps == 3
+    assert ran.data.train == str(root / "task" / "comparisons.jsonl")  # the RM's data
     res = evaluate(cfg, dirs, None)
-    assert {"grpo", "grpo_last", "rloo", "rloo_last"} <= set(res["policies"])
-    assert res["algorithm"] == best_algorithm(res["rl"], res["policies"])
-    assert res["verdict"].startswith(f"verdict: {res['algorithm'].upper()} ")
-    assert "the others: " in res["verdict"] and set(res["rl"]) == {"grpo", "rloo"}
-    assert [r["iteration"] for r in res["rl"]["rloo"]["curve"]] == [0, 2]
+    assert {"grpo", "grpo_last", "dpo"} <= set(res["policies"])
+    assert "dpo_last" not in res["policies"]
+    # DPO moved the policy: its held-out KL to SFT is no longer 0.
+    assert res["policies"]["dpo"]["kl"] > 0, res["policies"]["dpo"]
+    # DPO is scored on the validation prompts too, so the best is picked on equal ground.
+    assert [r["iteration"] for r in res["rl"]["grpo"]["curve"]] == [0, 2]
+    assert [r["iteration"] for r in res["rl"]["dpo"]["curve"]] == [3]
+    best = res["algorithm"]
+    assert best == best_algorithm(res["rl"], res["policies"])
+    other = ({"grpo", "dpo"} - {best}).pop().upper()
+    assert res["verdict"].startswith(f"verdict: {best.upper()} ")
+    assert f"the others: {other} " in res["verdict"]
 
 
 def dpo_job(chain: dict, run_dir: Path, *extra: str):

@@ -7,6 +7,7 @@ from typing import Literal
 from trellis.data_pipeline.tokenizer import TokenizerConfig
 from trellis.model.config import ModelConfig
 from trellis.rl.demo_task import DemoTaskConfig
+from trellis.rl.dpo_config import DPOConfig
 from trellis.rl.ppo_config import PPOConfig
 from trellis.rl.selection import SelectionConfig
 
@@ -60,12 +61,14 @@ class PipelineConfig:
         prompts_per_iteration=64, minibatches=4, ppo_epochs=4,
         temperature=1.0, init_beta=0.05, max_new_tokens=10, max_prompt_len=24,
         eval_prompts=0))
-    rl_algorithms: list[Literal["ppo", "grpo", "rloo", "reinforce_pp"]] = field(
+    rl_algorithms: list[Literal["ppo", "grpo", "rloo", "reinforce_pp", "dpo"]] = field(
         default_factory=list)
     """RL stages after the reward model, one per entry, each from the same SFT policy and
     reward models into RUN_DIR/<algorithm>/; the table gets the rows <algorithm> (the
     selected iteration) and <algorithm>_last, and the verdict names the best by validation
-    gold. Each stage is ppo.* with the entry as ppo.algorithm (see rl_group_size).
+    gold. Each stage is ppo.* with the entry as ppo.algorithm (see rl_group_size); "dpo" is
+    `trellis dpo` on the reward model's comparisons (dpo, dpo_stage): one row, its final
+    policy, scored on the validation prompts too for the verdict.
     Empty = one stage of ppo.algorithm."""
     rl_group_size: int = field(default=4, metadata={"min": 2})
     """Responses per prompt of grpo and rloo when ppo.group_size is 1. In the pipeline every
@@ -82,6 +85,12 @@ class PipelineConfig:
     the same config (float order), so no better beyond run-to-run noise. RLOO 0.812 at 2e-5,
     0.820 at 5e-5 at KL 3-4 with gold flat while the RM score rose. Hence none by default."""
     ppo_critic_lr: float = field(default=5e-4, metadata={"min": 0.0})
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(max_prompt_len=24,
+                                                             max_response_len=16))
+    """The "dpo" entry of rl_algorithms: its loss, beta and rows per step."""
+    dpo_stage: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=5e-5))
+    """The "dpo" stage's steps, policy learning rate and workers (micro_batch_size and
+    seq_len unused: dpo.prompts_per_step and dpo.max_* set its rows)."""
     max_failures: int = field(default=0, metadata={"min": 0})
     """Worker deaths each training stage recovers from (its train.max_failures)."""
     ppo_iterations: int = field(default=120, metadata={"min": 1})
@@ -126,6 +135,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if len(set(self.rl_algorithms)) != len(self.rl_algorithms):
             raise ValueError(f"rl_algorithms lists an algorithm twice: {self.rl_algorithms}")
+        if self.rlhf_rounds > 1 and "dpo" in self.algorithms:
+            raise ValueError("rlhf_rounds > 1 samples comparisons from the RL policy of each "
+                             "round: it needs ppo, grpo, rloo or reinforce_pp, not dpo")
         if self.rlhf_rounds > 1 and len(self.algorithms) > 1:
             raise ValueError(f"rlhf_rounds > 1 continues one policy: it needs a single "
                              f"algorithm, got rl_algorithms {self.rl_algorithms}")
@@ -133,7 +145,7 @@ class PipelineConfig:
             if alg not in ("ppo", "grpo", "rloo", "reinforce_pp") or lr < 0:
                 raise ValueError(f"rl_actor_lr: {alg}: {lr} (allowed: ppo, grpo, rloo, "
                                  f"reinforce_pp, each a learning rate >= 0)")
-        for alg in self.algorithms:
+        for alg in (a for a in self.algorithms if a != "dpo"):
             g = self.group_size_of(alg)
             if self.ppo.prompts_per_iteration % g:
                 raise ValueError(f"ppo.prompts_per_iteration {self.ppo.prompts_per_iteration} "

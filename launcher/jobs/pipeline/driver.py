@@ -2,7 +2,7 @@
 
   task data -> pretrain (task-format text) -> SFT (a few demonstrations) -> comparisons
   (K SFT samples ranked by the simulated labeler) -> reward model -> PPO (or each of
-  rl_algorithms: GRPO, RLOO, REINFORCE++) -> HF export of the best
+  rl_algorithms: GRPO, RLOO, REINFORCE++, DPO) -> HF export of the best
 
 Each stage is skipped when its run dir already holds its final checkpoint. At the end a
 table compares the pretrained, SFT and RL policies on held-out prompts."""
@@ -20,7 +20,8 @@ from trellis.data_pipeline.tokenizer import TOKENIZER_FILE
 from trellis.launcher.config_loader import ConfigError
 from trellis.launcher.job_flags import add_run_arguments, resolve_config
 from trellis.launcher.jobs.pipeline.config import PipelineConfig
-from trellis.launcher.jobs.pipeline.report import check_format, evaluate, print_report
+from trellis.launcher.jobs.pipeline.report import (check_format, evaluate, print_report,
+                                                   selected_policy)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -108,9 +109,15 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
         dirs["rm"] = rms[0]
         if not ppo_stage:
             break
+        from trellis.launcher.jobs.dpo import driver as dpo
         from trellis.launcher.jobs.ppo import driver as ppo
         for alg in cfg.algorithms:  # every algorithm from the same policy and reward models
             dirs["rl"][alg] = root / f"{alg}{sfx}"
+            if alg == "dpo":  # offline: the RM's comparisons, no reward model in the loop
+                job = stages.dpo_config(cfg, dirs["rl"][alg], dirs["sft"], data)
+                _run_stage(f"DPO on {cfg.task.n_comparison_prompts} ranked prompts",
+                           dpo.is_done(job), dpo.dpo, job, local, address)
+                continue
             job = stages.ppo_config(cfg, dirs["rl"][alg], policy, rms, p["prompts_train"],
                                     p["prompts_val"], heldout, reference=dirs["sft"],
                                     algorithm=alg)
@@ -119,7 +126,7 @@ def run_stages(cfg: PipelineConfig, local: bool = False, address: str | None = N
                                       f"responses per iteration)" if g > 1 else "")
                        + (f" (round {r} of {cfg.rlhf_rounds})" if cfg.rlhf_rounds > 1 else ""),
                        ppo.is_done(job), ppo.ppo, job, local, address)
-        policy = _selected(dirs["rl"][cfg.algorithms[0]])  # rounds > 1: one algorithm
+        policy = selected_policy(dirs["rl"][cfg.algorithms[0]])  # rounds > 1: one algorithm
     return dirs | {"task": root / "task", "tokenizer": p["tokenizer"],
                    "prompts_eval": p["prompts_eval"], "prompts_val": p["prompts_val"],
                    "format_gate": gate}
@@ -182,13 +189,6 @@ def _sampled_comparisons(cfg: PipelineConfig, root: Path, policy_dir: Path, p: d
     return out
 
 
-def _selected(ppo_dir: Path) -> Path:
-    """The PPO policy the pipeline delivers: the selected iteration's weights (RUN_DIR/best)
-    when the run kept them, else the last checkpoint."""
-    from trellis.launcher.jobs.ppo.driver import BEST
-    return ppo_dir / BEST if (ppo_dir / BEST).is_dir() else ppo_dir / "actor"
-
-
 def pipeline(cfg: PipelineConfig, local: bool = False, address: str | None = None) -> dict:
     from trellis.launcher.jobs.export.driver import export, export_weights
     from trellis.model.io import is_module_dir
@@ -201,7 +201,7 @@ def pipeline(cfg: PipelineConfig, local: bool = False, address: str | None = Non
     (Path(cfg.run_dir) / "results.json").write_text(json.dumps(res, indent=2) + "\n")
     print_report(res)
     out = Path(cfg.run_dir) / "export"
-    policy = _selected(dirs["rl"][res["algorithm"]])  # the verdict's (best) algorithm
+    policy = selected_policy(dirs["rl"][res["algorithm"]])  # the verdict's (best) algorithm
     if is_module_dir(policy):  # the selected iteration's weight files
         export_weights(policy, out, policy / TOKENIZER_FILE, source=policy)
     else:

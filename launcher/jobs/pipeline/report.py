@@ -8,8 +8,9 @@ on the policy's own samples, and the one-line verdict. Written to RUN_DIR/result
    "algorithm": the best by validation gold (its curve is also "ppo_curve"), "reward_model": {...},
    "format_gate": {...}, "verdict": str}
 
-Each RL algorithm has two rows: <algorithm> (the iteration selected on validation prompts)
-and <algorithm>_last.
+Each online RL algorithm has two rows: <algorithm> (the iteration selected on validation
+prompts) and <algorithm>_last; DPO has one, and its "curve" is one evaluation of its final
+policy on the same validation prompts (so the best algorithm is picked on equal ground).
 
 KL columns: greedy answers' summed log-ratio to the SFT policy for the trained policies;
 best-of-n's analytic KL to its sampling policy, log n - (n-1)/n."""
@@ -98,6 +99,14 @@ def best_of_n(sft, reward, tok, prompts: list[str], cfg: PipelineConfig
     return best_of_n_curve(rm, gold, BON_NS), rm_gold_agreement(rm, gold)
 
 
+def selected_policy(run: Path) -> Path:
+    """An RL stage's delivered policy: the selected iteration's weights (RUN_DIR/best) when
+    the run kept them, else its last actor checkpoint; a DPO run dir is its policy."""
+    from trellis.launcher.jobs.ppo.driver import BEST
+    return run / BEST if (run / BEST).is_dir() else \
+        run / "actor" if (run / "actor").is_dir() else run
+
+
 def ppo_curve(ppo_dir: Path) -> list[dict[str, float]]:
     """An RL run's held-out evaluations (validation prompts), one per iteration (a resumed
     run's repeated evaluations: the last one counts)."""
@@ -121,8 +130,9 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Any], gate: dict[str, float] |
     reward, sft = _load(dirs["rm"], root, "rm"), _load(dirs["sft"], root, "sft")
     sources = {"pretrained": dirs["pretrain"], "sft": dirs["sft"]}
     for alg, run in dirs["rl"].items():  # each RL stage's rows are named after its algorithm
-        sources |= {alg: run / BEST if (run / BEST).is_dir() else run / "actor",
-                    f"{alg}_last": run / "actor"}
+        sources[alg] = selected_policy(run)
+        if (run / "actor").is_dir():  # DPO's run dir is its one policy
+            sources[f"{alg}_last"] = run / "actor"
     policies, samples = {}, {}
     for name, src in sources.items():
         policy = sft if name == "sft" else _load(src, root, name)
@@ -135,6 +145,12 @@ def evaluate(cfg: PipelineConfig, dirs: dict[str, Any], gate: dict[str, float] |
     rl = {alg: {"curve": ppo_curve(run), "selected_iteration":
                 read_meta(run / BEST).get("iteration") if (run / BEST).is_dir() else None}
           for alg, run in dirs["rl"].items()}
+    val = _prompts(dirs["prompts_val"], cfg.task.n_val_prompts)
+    for alg in (a for a, r in rl.items() if not r["curve"]):
+        # DPO evaluates nothing while it trains: score its policy on the validation prompts
+        # the RL runs were selected on, so the best algorithm is picked on the same ground.
+        row, _ = _policy_row(_load(sources[alg], root, alg), sft, reward, tok, val, cfg)
+        rl[alg]["curve"] = [row | {"iteration": cfg.dpo_stage.steps}]
     best = best_algorithm(rl, policies)  # the delivered (exported) policy
     out = {"prompts": len(prompts), "algorithm": best, "algorithms": list(rl),
            "policies": policies, "bon_curve": curve, "rl": rl,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from trellis.launcher.config_loader import from_dict
+from trellis.launcher.jobs.dpo.config import DPOJobConfig
 from trellis.launcher.jobs.finetune.config import RMJobConfig, RowsConfig, SFTJobConfig
 from trellis.launcher.jobs.pipeline.config import PipelineConfig, StageConfig
 from trellis.launcher.jobs.ppo.config import PPOJobConfig
@@ -103,5 +104,25 @@ def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rms: list[Path],
                   actor=role(job.actor, cfg.rl_actor_lr.get(algorithm, cfg.ppo_actor_lr)),
                   critic=role(job.critic, cfg.ppo_critic_lr),
                   reference=role(job.reference), reward=role(job.reward),
+                  metrics=replace(job.metrics, port=-1))
+    return _checked(job)
+
+
+def dpo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, comparisons: Path) -> DPOJobConfig:
+    """The "dpo" RL stage: DPO from `sft` on the reward model's comparisons, the SFT policy
+    as the frozen reference."""
+    s = cfg.dpo_stage
+    job = DPOJobConfig(run_dir=str(run_dir), seed=cfg.seed, policy_init=str(sft),
+                       data=RowsConfig(train=str(comparisons)), dpo=cfg.dpo)
+    par = replace(job.policy.parallel, num_workers=s.num_workers, zero_stage=s.zero_stage,
+                  cpus_per_worker=0.4 / s.num_workers)
+    job = replace(job, policy=replace(job.policy, parallel=par, optim=replace(
+                      job.policy.optim, lr=s.lr, warmup_steps=max(1, s.steps // 10))),
+                  reference=replace(job.reference, parallel=replace(
+                      job.reference.parallel, num_workers=s.num_workers,
+                      cpus_per_worker=0.4 / s.num_workers)),
+                  train=replace(job.train, steps=s.steps, log_every=max(1, s.steps // 5),
+                                eval_every=0, max_failures=cfg.max_failures),
+                  checkpoint=replace(job.checkpoint, every=s.steps),
                   metrics=replace(job.metrics, port=-1))
     return _checked(job)
