@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import importlib.util
@@ -26,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("bench_ppo", HERE / "ppo.py")
@@ -105,6 +106,20 @@ def _rate(t0: float, stamps: list[float], per_unit: int, steps_per_unit: int = 1
     gaps = [b - a for a, b in zip([t0, *stamps], stamps)]
     units = [sum(gaps[i:i + steps_per_unit]) for i in range(0, len(gaps), steps_per_unit)]
     return per_unit / statistics.median(units[1:] or units)
+
+
+@contextlib.contextmanager
+def standalone() -> Iterator[None]:
+    """trellis's in-process jobs leave RANK/WORLD_SIZE/LOCAL_RANK set (and a gloo group of
+    one, which stays: DeepSpeed caches its groups); with LOCAL_RANK set accelerate wraps TRL's
+    model in DDP (find_unused_parameters: an extra autograd pass per step), which a
+    standalone TRL run never does."""
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    saved = {k: os.environ.pop(k) for k in keys if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def _first_tokens(model: Any, n: int) -> Any:
@@ -211,13 +226,15 @@ def main() -> int:
             return 0
         for which, goal in (("grpo", 2.0), ("rloo", 2.0)):
             try:
-                t = run_trl_online(assets, root, args, which)
+                with standalone():
+                    t = run_trl_online(assets, root, args, which)
                 print(f"{which}: trellis / TRL samples/s {res[which]['samples_per_second'] / t['samples_per_second']:.2f}x "
                       f"(TRL {t['samples_per_second']:.1f}; goal >= {goal}x)")
             except Exception as e:  # an API drift in TRL must not hide trellis's numbers
                 print(f"TRL {which}: failed ({type(e).__name__}: {e}); no ratio")
         try:
-            t = run_trl_dpo(assets, root, args, round(d["pairs_per_step"]))  # trellis's batch
+            with standalone():  # a batch of trellis's pairs per step
+                t = run_trl_dpo(assets, root, args, round(d["pairs_per_step"]))
             print(f"dpo: trellis / TRL pairs/s {d['pairs_per_second'] / t['pairs_per_second']:.2f}x "
                   f"(TRL {t['pairs_per_second']:.1f}; goal >= 1.5x)")
         except Exception as e:
