@@ -122,6 +122,8 @@ def test_frozen_engine_infers_without_optimizer(tmp_path):
     expected = model(batches(1)[0][:, :-1])
     engine = Engine(model, None, ParallelConfig(zero_stage=3), total_steps=0, trainable=False)
     assert "optimizer" not in engine.config
+    # One frozen rank has nothing to partition: stage 0, no gather hooks (offload keeps 3).
+    assert engine.zero_stage == 0 and not any(hasattr(p, "ds_id") for p in engine.module.parameters())
     with torch.no_grad():
         out = engine(batches(1)[0][:, :-1])
     assert torch.allclose(out, expected, atol=1e-6)
