@@ -168,8 +168,15 @@ class Engine:
         self.zero_stage = self.config["zero_optimization"]["stage"]
         if par.activation_checkpointing:
             apply_activation_checkpointing(model)
+        self.precision = resolve_precision(par.precision)
+        # Stage 0 fp32 has no DeepSpeed wrapper optimizer that records the gradient norm: clip
+        # here (torch's foreach norm, which returns it) instead of DeepSpeed's clip, which
+        # would compute the norm a second time.
+        self._manual_norm = trainable and self.zero_stage == 0 and self.precision == "fp32"
         if trainable:
             config = {k: v for k, v in self.config.items() if k != "optimizer"}
+            if self._manual_norm:
+                config["gradient_clipping"] = 0.0
             self._ds, *_ = deepspeed.initialize(
                 model=model, optimizer=adamw(param_groups(model, optim.weight_decay), optim),
                 config=config, lr_scheduler=make_lambda_lr(optim, total_steps))
@@ -179,9 +186,6 @@ class Engine:
             model.requires_grad_(False)
             self._ds, *_ = deepspeed.initialize(model=model, config=self.config)
             self._ds.eval()
-        # Stage 0 fp32 has no DeepSpeed wrapper optimizer that records the gradient norm.
-        self.precision = resolve_precision(par.precision)
-        self._manual_norm = trainable and self.zero_stage == 0 and self.precision == "fp32"
 
     # ---- running -------------------------------------------------------------------------
     @property
@@ -231,9 +235,12 @@ class Engine:
         return info
 
     def _grad_norm(self) -> float:
-        grads = [p.grad.detach().float().norm() for p in self.module.parameters()
-                 if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+        """The pre-clip global gradient norm; clips to optim.grad_clip when it is > 0."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        clip = self.optim.grad_clip if self.optim.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
 
     def eval(self) -> "Engine":
         self._ds.eval()
