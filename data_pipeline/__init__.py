@@ -32,6 +32,7 @@ _EXPORTS = {
     "TokenStream": "stream", "DataStateError": "stream", "batches": "loader",
     "clm_collate": "collate", "MLMCollator": "collate", "SFTCollator": "collate",
     "PairCollator": "collate", "PromptCollator": "collate", "IGNORE": "collate",
+    "PackedSFTCollator": "packed_collate", "PackedPairCollator": "packed_collate",
     "ingest_structured": "structured", "StructuredDataset": "structured",
     "RolloutBatch": "rollout", "to_arrow": "rollout", "from_arrow": "rollout",
 }

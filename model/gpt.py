@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from trellis.model.config import ModelConfig
 from trellis.model.kv_cache import KVCache
 from trellis.model.layers import Embedding, Linear, attention, merge_heads, padding_attn_mask, split_heads
+from trellis.model.packed import segment_attn_mask, segment_positions
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,18 +86,27 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None,
-                      kv_cache: KVCache | None = None) -> torch.Tensor:
+                      kv_cache: KVCache | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, C) after the final LayerNorm.
 
         attention_mask (B, T): 1 = token, 0 = pad, for the new tokens only (a kv_cache
         remembers earlier ones). Without position_ids, positions count real tokens:
         cumsum(mask) - 1 clamped at 0, continuing from what the cache has seen.
+        segment_ids (B, T): packed rows (model/packed.py; 0 = pad), which then decide the
+        mask and, without position_ids, the positions (from 0 in each segment).
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.config.max_seq_len:
             raise ValueError(f"sequence length {past + T} exceeds max_seq_len "
                              f"{self.config.max_seq_len}")
+        if segment_ids is not None:
+            if kv_cache is not None:
+                raise ValueError("packed rows (segment_ids) cannot use a kv_cache")
+            mask = segment_attn_mask(segment_ids)  # (B, 1, T, T)
+            pos = segment_positions(segment_ids) if position_ids is None else position_ids
+            return self._blocks(input_ids, pos, mask, None)
         if kv_cache is not None:
             kv_cache.check_room(T)
         dev = input_ids.device
@@ -111,6 +121,14 @@ class GPT(nn.Module):
             keys = new_mask if kv_cache is None else torch.cat(
                 [kv_cache.past_mask(B, dev), new_mask], dim=1)  # (B, S)
             mask = padding_attn_mask(keys, T, past, causal=True)  # (B, 1, T, S)
+        x = self._blocks(input_ids, position_ids, mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.commit(new_mask)
+        return x
+
+    def _blocks(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
+        """Embeddings, the blocks and the final LayerNorm: (B, T) ids -> (B, T, C)."""
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))  # (B, T, C)
         use_ckpt = (self.activation_checkpointing and self.training
                     and torch.is_grad_enabled() and kv_cache is None)
@@ -119,13 +137,11 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask, kv_cache)
-        if kv_cache is not None:
-            kv_cache.commit(new_mask)
         return self.ln_f(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) ids -> (B, T, V) logits."""
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids,
-                                               kv_cache))
+                                               kv_cache, segment_ids))

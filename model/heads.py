@@ -93,13 +93,24 @@ class ScoreModel(nn.Module):
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.trunk.hidden_states(input_ids, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None,
+                score_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) scores of padded rows; or, for packed rows (segment_ids (B, T), a GPT
+        trunk), (N,) scores read at score_index (N,): flat indices b * T + t of each
+        sequence's last token."""
         B, T = input_ids.shape
+        if segment_ids is not None:
+            h = self.trunk.hidden_states(input_ids, attention_mask, segment_ids=segment_ids)
+            return self._score(h.flatten(0, 1)[score_index])  # (N,)
         h = self.trunk.hidden_states(input_ids, attention_mask)  # (B, T, C)
         idx = last_token_index(attention_mask, B, T, input_ids.device)  # (B,)
         last = h[torch.arange(B, device=h.device), idx]  # (B, C)
-        raw = self.score_head(last).squeeze(-1)  # (B,)
+        return self._score(last)
+
+    def _score(self, last: torch.Tensor) -> torch.Tensor:
+        """(N, C) hidden states at the scored tokens -> (N,) normalised scores."""
+        raw = self.score_head(last).squeeze(-1)  # (N,)
         return (raw - self.norm_mean) / self.norm_std
 
 

@@ -43,6 +43,8 @@ class DPOJobConfig:
             obj, _, name = key.rpartition(".")
             if not getattr(self.data if obj else self, name):
                 raise ValueError(f"{key} is required")
+        if self.data.packing:
+            raise ValueError("data.packing is for sft and rm; dpo does not pack its rows")
         w = self.policy.parallel.num_workers
         if self.dpo.prompts_per_step % w:
             raise ValueError(f"dpo.prompts_per_step {self.dpo.prompts_per_step} must divide by "

@@ -25,6 +25,23 @@ class RowsConfig:
     """Prompt tokens kept (its end)."""
     seed: int = 0
     """Row order seed (with the epoch)."""
+    packing: bool = False
+    """sft and rm: lay each micro-batch's rows end to end in blocks of at most `pack_len`
+    tokens (each row attends only to itself, positions from 0) instead of padding every row
+    to the longest one: the same rows and loss, fewer pad tokens computed. GPT models only."""
+    pack_len: int = field(default=0, metadata={"min": 0})
+    """Tokens per packed block; 0 = max_len. At least max_len, so every row (cut to max_len
+    as without packing) fits in one block; at most the model's max_seq_len."""
+
+    def __post_init__(self) -> None:
+        if self.pack_len and self.pack_len < self.max_len:
+            raise ValueError(f"data.pack_len {self.pack_len} must be 0 or at least data.max_len "
+                             f"{self.max_len} (a row of max_len tokens must fit in one block)")
+
+    @property
+    def block_len(self) -> int:
+        """Tokens per packed block."""
+        return self.pack_len or self.max_len
 
 
 @dataclass

@@ -65,6 +65,20 @@ def check_split_sizes(cfg: SFTJobConfig, n_train: int, n_val: int, val_given: bo
                           f"{world} ranks (at least one row per rank)")
 
 
+def check_packing(cfg: SFTJobConfig, model_meta: dict[str, Any]) -> None:
+    """data.packing needs a GPT (block-diagonal attention, positions per row) whose context
+    holds a whole block."""
+    if not cfg.data.packing:
+        return
+    if model_meta.get("arch") != "gpt":
+        raise ConfigError(f"config key 'data.packing': packed rows need a GPT model; "
+                          f"'{cfg.init_from}' is {model_meta.get('arch')}")
+    if cfg.data.block_len > model_meta["max_seq_len"]:
+        key = "data.pack_len" if cfg.data.pack_len else "data.max_len"
+        raise ConfigError(f"config key '{key}': packed blocks of {cfg.data.block_len} tokens "
+                          f"exceed the model's max_seq_len {model_meta['max_seq_len']}")
+
+
 def truncation_counts(prompt_lens: list[int], response_lens: list[list[int]], max_len: int,
                       max_prompt_len: int) -> tuple[int, int]:
     """(rows whose prompt loses its first tokens, rows whose response (+ EOS) is cut) when
@@ -109,6 +123,7 @@ def _prepare(cfg: SFTJobConfig, kind: str, head: str) -> tuple[Path, dict[str, A
     train_rows = val_rows = None
     model_meta = read_meta(init)["model"]
     vocab = model_meta["vocab_size"]  # no row may carry an id the model lacks
+    check_packing(cfg, model_meta)
     n_train = len(StructuredDataset(train, tok.sha256, vocab))  # fails now on a bad table
     if val is None:
         train_rows, val_rows = split_rows(n_train, cfg.data.val_fraction, cfg.data.seed)

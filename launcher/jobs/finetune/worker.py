@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from trellis.data_pipeline.collate import PairCollator, ScoreCollator, SFTCollator
+from trellis.data_pipeline.packed_collate import PackedPairCollator, PackedSFTCollator
 from trellis.data_pipeline.row_stream import RowStream
 from trellis.data_pipeline.structured import StructuredDataset
 from trellis.launcher.config_loader import from_dict
@@ -45,6 +46,19 @@ class _RowWorker(EngineWorker):
     def next_batch(self) -> dict[str, torch.Tensor]:
         return self.collate(next(self._it))
 
+    def _model_kwargs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """attention_mask, and for packed batches (data.packing) the segment ids and the
+        RM's score positions, on the engine's device."""
+        keys = ("attention_mask", "segment_ids", "score_index")
+        return {k: batch[k].to(self.engine.device) for k in keys if k in batch}
+
+    @staticmethod
+    def _fill(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Packed batches only: the share of block positions holding a token (1 - padding)."""
+        if "segment_ids" not in batch:
+            return {}
+        return {"block_fill": float(batch["attention_mask"].float().mean())}
+
     def data_state(self) -> dict[str, Any]:
         return self.stream.state_dict()
 
@@ -77,14 +91,15 @@ class SFTWorker(_RowWorker):
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         d = self.cfg.data
+        if d.packing:
+            return PackedSFTCollator(d.max_len, d.max_prompt_len, d.block_len)(rows)
         return SFTCollator(max_len=d.max_len, max_prompt_len=d.max_prompt_len)(rows)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.engine.device
-        logits = self.engine.forward(batch["input_ids"].to(dev),
-                                     attention_mask=batch["attention_mask"].to(dev))
+        logits = self.engine.forward(batch["input_ids"].to(dev), **self._model_kwargs(batch))
         loss = token_cross_entropy(logits, batch["labels"].to(dev))  # response tokens only
-        return loss, {"loss": loss.item()}
+        return loss, {"loss": loss.item()} | self._fill(batch)
 
     @staticmethod
     def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -96,17 +111,19 @@ class RMWorker(_RowWorker):
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         d = self.cfg.data
+        if d.packing:
+            return PackedPairCollator(d.max_len, d.max_prompt_len, d.block_len)(rows)
         return PairCollator(max_len=d.max_len, max_prompt_len=d.max_prompt_len)(rows)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         dev = self.engine.device
         scores = self.engine.forward(batch["input_ids"].to(dev),
-                                     attention_mask=batch["attention_mask"].to(dev))  # (N,)
+                                     **self._model_kwargs(batch))  # (N,) sequences
         pairs, group = pairs_from_collator(batch)
         loss, acc = pairwise_rm_loss(scores, pairs.to(dev), group.to(dev), self.cfg.weighting)
         # Always both keys (accuracy NaN when a batch holds only ties): ranks must agree on
         # what they reduce.
-        return loss, {"loss": loss.item(), "accuracy": acc}
+        return loss, {"loss": loss.item(), "accuracy": acc} | self._fill(batch)
 
     @torch.no_grad()
     def normalize(self, demo_dir: str, max_rows: int = 512) -> dict[str, float]:
