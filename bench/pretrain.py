@@ -4,6 +4,10 @@
      trellis-engine  model.build GPT through parallel.engine.Engine (DeepSpeed ZeRO-0, fp32,
                      world 1 in-process)
      trellis-plain   the same GPT with torch.optim.AdamW + clip_grad_norm_ (no DeepSpeed)
+     trellis-compiled  (--compile) trellis-engine with Engine.compile (train.compile: inductor;
+                     compiled during its warm-up step)
+     trellis-nobias  (--bias-free) trellis-engine with model.bias=False: no biases in linear
+                     layers and LayerNorms (a different model from GPT-2, which has them)
      hf-sdpa/eager   transformers GPT2LMHeadModel (forward with labels) + torch AdamW + clip
    Every variant's AdamW is the engine's (parallel.engine.adamw: fused where torch has it,
    as the HF Trainer's default adamw_torch_fused on torch >= 2.8).
@@ -18,7 +22,7 @@
    <= 0.55x. A what-if row shows ZeRO-3 with stage3_param_persistence_threshold=0.
 
     python bench/pretrain.py [--preset gpt-small-cpu] [--threads 1,2] [--cycles 10] [--no-eager]
-                               [--profile] [--only speed|memory]
+                               [--compile] [--bias-free] [--profile] [--only speed|memory]
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -70,11 +75,14 @@ def phases(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
     return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": time.perf_counter() - t2}
 
 
-def trellis_engine_step(cfg: ModelConfig, batch: int, total_steps: int) -> Step:
+def trellis_engine_step(cfg: ModelConfig, batch: int, total_steps: int,
+                        compiled: bool = False) -> Step:
     from trellis.parallel.engine import Engine
     torch.manual_seed(0)
     engine = Engine(build_model(cfg), OPT, ParallelConfig(zero_stage=0, micro_batch_size=batch),
                     total_steps=total_steps)
+    if compiled:
+        engine.compile()
 
     def step(x: torch.Tensor) -> dict[str, float]:  # x (B, T+1)
         return phases(lambda: token_cross_entropy(engine(x[:, :-1]), x[:, 1:]),
@@ -161,9 +169,11 @@ def report_speed(res: dict[str, list[dict[str, float]]], tokens: int) -> None:
               f" {1e3 * med(recs, 'opt'):7.1f}")
     print("\nratios of tokens/s: median of per-cycle ratios [quartiles], ratio of best steps, "
           "ratio of median CPU time")
-    pairs = [(a, b) for a in ("trellis-engine", "trellis-plain") for b in res
-             if b.startswith("hf-")]
-    for a, b in pairs + [("trellis-engine", "trellis-plain")]:
+    pairs = [(a, b) for a in ("trellis-engine", "trellis-compiled", "trellis-nobias",
+                              "trellis-plain") for b in res if b.startswith("hf-")]
+    for a, b in pairs + [("trellis-engine", "trellis-plain"),
+                         ("trellis-compiled", "trellis-engine"),
+                         ("trellis-nobias", "trellis-engine")]:
         if a not in res or b not in res:
             continue
         paired = sorted(rb["wall"] / ra["wall"] for ra, rb in zip(res[a], res[b]))
@@ -197,6 +207,11 @@ def speed(args: argparse.Namespace, cfg: ModelConfig) -> None:
     }
     if not args.no_eager:
         variants["hf-eager"] = hf_step(cfg, "eager")
+    if args.compile:
+        variants["trellis-compiled"] = trellis_engine_step(cfg, B, 10 * steps + 10, compiled=True)
+    if args.bias_free:
+        variants["trellis-nobias"] = trellis_engine_step(replace(cfg, bias=False), B,
+                                                         10 * steps + 10)
     print(f"speed: {len(variants)} variants x ({args.warmup} warm-up + {args.cycles} interleaved "
           f"steps), {B} x {T} = {B * T} tokens/step", flush=True)
     res = run_interleaved(variants, data, args.warmup, args.cycles)
@@ -313,6 +328,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     ap.add_argument("--cycles", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--no-eager", action="store_true", help="skip HF with eager attention")
+    ap.add_argument("--compile", action="store_true",
+                    help="add trellis-engine with torch.compile (train.compile)")
+    ap.add_argument("--bias-free", action="store_true",
+                    help="add trellis-engine with model.bias=False")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
     ap.add_argument("--profile-rows", type=int, default=12)
     ap.add_argument("--only", choices=["speed", "memory"])

@@ -8,6 +8,8 @@ on one long embedded text: CPython's pydoc topics concatenated (~465K characters
 
     trellis-shuffled    PretrainWorker.train_step (TokenStream -> clm_collate -> DeepSpeed
     trellis-sequential  engine, in-process) with data.order shuffled / sequential
+    trellis-nobias      trellis-shuffled with model.bias=false (no biases, as the reference;
+                        not in the default --variants)
     reference           plain torch, written here: nanoGPT's model (no biases, GPT-2 init),
                         random-offset windows, nanoGPT's get_lr, torch AdamW, clip
 
@@ -165,13 +167,14 @@ class Trellis:
     """The pretrain job's own rank worker, in-process (what `trellis pretrain --local` runs)."""
 
     def __init__(self, r: Recipe, data_dir: Path, val_dir: Path, vocab: int, order: str,
-                 seed: int, precision: str, run_dir: Path):
+                 seed: int, precision: str, run_dir: Path, bias: bool = True):
         from trellis.launcher.jobs.pretrain.worker import PretrainWorker
         cfg = load_config(PretrainJobConfig, None, [
             f"run_dir={run_dir}", f"seed={seed}", f"model.vocab_size={vocab}",
             f"model.n_layer={r.n_layer}", f"model.n_head={r.n_head}",
             f"model.d_model={r.d_model}", f"model.max_seq_len={r.T}", "model.dropout=0.0",
-            f"data.seq_len={r.T}", f"data.order={order}", f"data.val_path={val_dir}",
+            f"model.bias={str(bias).lower()}", f"data.seq_len={r.T}", f"data.order={order}",
+            f"data.val_path={val_dir}",
             f"data.seed={seed}", f"parallel.micro_batch_size={r.B}",
             f"parallel.precision={precision}", f"optim.lr={r.lr}",
             f"optim.warmup_steps={r.warmup}", f"optim.min_lr_ratio={r.min_lr / r.lr}",
@@ -276,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             makers[f"trellis-{order}"] = lambda o=order: Trellis(
                 r, tmp_path / "train", tmp_path / "val", vocab, o, args.seed, args.precision,
                 tmp_path / f"run-{o}")
+        makers["trellis-nobias"] = lambda: Trellis(
+            r, tmp_path / "train", tmp_path / "val", vocab, "shuffled", args.seed,
+            args.precision, tmp_path / "run-nobias", bias=False)
         variants = {n: makers[n]() for n in args.variants.split(",")}
         t0 = time.perf_counter()
         curves, times = run(variants, r, val, args.eval_every)

@@ -13,6 +13,7 @@ collators, rollout batches. Names are imported lazily so `import data_pipeline` 
     stream.py      TokenStream: the per-rank streaming reader with exact resume (also
                    through DataLoader workers: worker_batches / record_delivered)
     loader.py      batches(): micro-batches, in-process or from DataLoader worker processes
+    prefetch.py    prefetched(): an iterator run ahead by a background thread
     collate.py     CLM, MLM, SFT, pair and prompt collators
     structured.py  SFT/RLHF tables: ingest_structured, StructuredDataset
     rollout.py     RolloutBatch <-> Arrow (zero-copy) <-> Parquet

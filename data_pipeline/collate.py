@@ -81,7 +81,7 @@ class MLMCollator:
         inputs = x.clone()
         inputs[chosen & (action < 0.8)] = self.mask_id
         swap = chosen & (action >= 0.8) & (action < 0.9)
-        inputs[swap] = rand_tok[swap]
+        inputs[swap] = rand_tok[swap].to(inputs.dtype)  # stream ids are int32
         labels = torch.where(chosen, x, torch.full_like(x, IGNORE))
         return {"input_ids": inputs, "labels": labels, "attention_mask": valid.long()}
 

@@ -112,6 +112,10 @@ class DataConfig:
     in the training process). The rank's data is split into max(1, W) consumers either way,
     read round-robin, so batches and resume points are the same with or without processes;
     a resume needs the same value."""
+    prefetch: int = field(default=2, metadata={"min": 0})
+    """With loader_workers = 0: micro-batches a background thread of the training process
+    reads and collates ahead of the trainer, so the next one is ready when a step ends (the
+    saved position is still what the trainer received); 0 = read each when asked."""
 
     def __post_init__(self) -> None:
         if self.sources and sum(s.weight for s in self.sources) <= 0:

@@ -19,6 +19,10 @@ spawn, a script that starts one must guard its top level with ``if __name__ == "
 (the `trellis` command and Ray actors do). Items cross processes through shared memory:
 ~1-2M tokens/s per rank here, far above what a model trains on, but W = 0 (20-60M tokens/s)
 is the better choice when collation is cheap and cores are few.
+
+With W = 0, ``cfg.prefetch`` > 0 micro-batches are read and collated ahead by a background
+thread (data_pipeline.prefetch) from ``stream.read_ahead``, recorded as delivered in the same
+way, so the next batch is ready when a step ends and the position is still exact.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader
 
+from trellis.data_pipeline.prefetch import prefetched
 from trellis.data_pipeline.stream import TokenStream
 
 Collate = Callable[[dict[str, Any]], dict[str, Any]]
@@ -44,17 +49,26 @@ class Batches:
         self.prefetch_factor, self.start_method = prefetch_factor, start_method
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        s, workers = self.stream, self.stream.cfg.loader_workers
-        if workers == 0:
+        s, workers, ahead = self.stream, self.stream.cfg.loader_workers, self.stream.cfg.prefetch
+        if workers == 0 and ahead == 0:
             for batch in s.iter_batches(self.micro_batch_size):
                 yield self.collate(batch) if self.collate else batch
             return
-        dl = DataLoader(s.worker_batches(self.micro_batch_size, self.collate), batch_size=None,
-                        num_workers=workers, prefetch_factor=self.prefetch_factor,
-                        multiprocessing_context=self.start_method)
-        for w, item, state in dl:
-            s.record_delivered(int(w), state)
-            yield item
+        if workers == 0:
+            items = prefetched(s.read_ahead(self.micro_batch_size, self.collate), ahead,
+                               name=f"prefetch-rank{s.rank}")
+        else:
+            items = iter(DataLoader(s.worker_batches(self.micro_batch_size, self.collate),
+                                    batch_size=None, num_workers=workers,
+                                    prefetch_factor=self.prefetch_factor,
+                                    multiprocessing_context=self.start_method))
+        try:
+            for w, item, state in items:
+                s.record_delivered(int(w), state)
+                yield item
+        finally:
+            if hasattr(items, "close"):  # the prefetch thread stops before this returns
+                items.close()
 
     def state_dict(self) -> dict[str, Any]:
         return self.stream.state_dict()

@@ -188,10 +188,11 @@ class SamplePacker:
         skip = [not self.infinite and c.exhausted() for c in self.cursors]
         return pick_source(self.counts, self.w, skip)
 
-    def rows(self, B: int, T1: int) -> tuple[np.ndarray, np.ndarray]:
-        """Up to B rows (B, T1) int64 and their valid lengths (fewer rows only at the end of
-        a finite epoch)."""
-        tok = np.full((B, T1), self.pad, dtype=np.int64)
+    def rows(self, B: int, T1: int, dtype: np.dtype = np.dtype(np.int64)
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to B rows (B, T1) of `dtype` and their valid lengths (fewer rows only at the end
+        of a finite epoch)."""
+        tok = np.full((B, T1), self.pad, dtype=dtype)
         valid = np.zeros(B, dtype=np.int64)
         for r in range(B):
             s = self._select()

@@ -3,7 +3,7 @@
 What it yields (``seq_len`` = T):
 
 * ``iter(stream)``: one block at a time, a dict of
-    ``input_ids``   LongTensor (T + 1,)  tokens; block k+1 starts with block k's last token, so
+    ``input_ids``   IntTensor (T + 1,)  tokens; block k+1 starts with block k's last token, so
                     ``input_ids[:-1]`` are inputs and ``input_ids[1:]`` their labels and every
                     token is a label exactly once;
     ``num_tokens``  int, valid ids in ``input_ids`` (T + 1 except at the end of a finite epoch or
@@ -11,6 +11,12 @@ What it yields (``seq_len`` = T):
 * ``stream.iter_batches(B)``: the same stacked, ``(B, T + 1)`` / ``(B,)``, plus the ints
   ``epoch``, ``step`` (this reader's batch counter) and ``consumer`` (its global index) that
   collators use to seed their randomness. This is the fast path (no per-block tensors).
+
+Token ids are int32 (``stream.token_dtype``; int64 only if the vocabulary could reach 2^31):
+half of int64's host memory traffic and bytes sent to the device, and torch's embedding and
+comparisons take them. Widen to int64 on the device where an op needs it (cross_entropy's
+targets). Not torch.uint16, the shards' own dtype: torch 2.13 has no comparisons, arithmetic
+or type promotion for it ("lt_cpu not implemented for 'UInt16'").
 
 Documents are packed (concatenate with EOS after each, then cut) unless ``cfg.packing`` is
 False, in which case each block starts at a document start and is padded after its EOS.
@@ -30,6 +36,10 @@ Rank r of N with W = ``cfg.loader_workers`` workers is consumers r*W .. r*W+W-1 
 data_pipeline.packing for how documents are dealt. In the training process (no DataLoader)
 the W consumers are read round-robin, exactly as a DataLoader with W workers would deliver
 them, so results do not depend on whether worker processes are used.
+
+Reading ahead in this process (a prefetch thread; data_pipeline.loader): ``stream.read_ahead(B,
+collate)`` yields the same ``(consumer, batch, position after it)`` items from a snapshot of the
+stream's position, handed to ``record_delivered`` as they reach the trainer.
 
 Worker processes (data_pipeline.loader drives them): ``stream.worker_batches(B, collate)`` is
 the IterableDataset a DataLoader with W workers runs; DataLoader worker j reads the consumer
@@ -63,11 +73,17 @@ class DataStateError(ValueError):
     """A saved data state that does not fit this stream (world size, sources, ...)."""
 
 
-def _rows(flat: np.ndarray, B: int, T1: int) -> np.ndarray:
-    """(B, T1) int64 rows of a flat (B*(T1-1)+1,) buffer; row r = flat[r*(T1-1) : r*(T1-1)+T1]
-    (a reshape plus one column: much faster than copying a strided view)."""
+def token_dtype(sources: list[Source]) -> np.dtype:
+    """int32 unless a source's ids may reach 2^31 (uint32 shards of such a vocabulary)."""
+    fits = all(s.dtype.itemsize <= 2 or s.limit[0] <= 1 << 31 for s in sources)
+    return np.dtype(np.int32 if fits else np.int64)
+
+
+def _rows(flat: np.ndarray, B: int, T1: int, dtype: np.dtype) -> np.ndarray:
+    """(B, T1) rows of a flat (B*(T1-1)+1,) buffer; row r = flat[r*(T1-1) : r*(T1-1)+T1]
+    (a reshape plus one column: much faster than copying a strided view), widened to dtype."""
     T = T1 - 1
-    out = np.empty((B, T1), dtype=np.int64)
+    out = np.empty((B, T1), dtype=dtype)
     out[:, :T] = flat[:-1].reshape(B, T)
     out[:, T] = flat[T::T]
     return out
@@ -101,6 +117,7 @@ class TokenStream(IterableDataset):
         self.eos_id, self.pad_id = self.sources[0].eos_id, self.sources[0].pad_id
         wide = any(s.dtype.itemsize > 2 for s in self.sources)
         self._buf_dtype = np.uint32 if wide else np.uint16
+        self.token_dtype = token_dtype(self.sources)  # of the batches' input_ids
         self._states: list[dict | None] = [None] * self.workers
         self._live: dict[int, Packer] = {}  # packers of the current in-process iteration
         self._next = 0  # logical worker (consumer of this rank) that delivers the next item
@@ -148,7 +165,7 @@ class TokenStream(IterableDataset):
         """The next (B, T+1) batch of one consumer, or None when its finite epoch is over."""
         epoch, step = pk.epoch, pk.step
         if self.sampled:
-            tok, valid = pk.rows(B, self.cfg.seq_len + 1)
+            tok, valid = pk.rows(B, self.cfg.seq_len + 1, self.token_dtype)
         else:
             fill = self._fill_packed if self.cfg.packing else self._fill_unpacked
             tok, valid = fill(pk, B, self.cfg.seq_len + 1)
@@ -179,12 +196,12 @@ class TokenStream(IterableDataset):
             valid = np.clip(n - np.arange(B) * (T1 - 1), 0, T1)
         else:
             valid = np.full(B, T1)
-        return _rows(flat, B, T1), valid
+        return _rows(flat, B, T1, self.token_dtype), valid
 
     def _fill_unpacked(self, pk: Packer, B: int, T1: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row starts at a document start (or continues one that did not fit) and is
         padded after the document's EOS."""
-        tok = np.full((B, T1), self.pad_id, dtype=self._buf_dtype)
+        tok = np.full((B, T1), self.pad_id, dtype=self.token_dtype)
         valid = np.zeros(B, dtype=np.int64)
         for r in range(B):
             first = 0
@@ -197,7 +214,7 @@ class TokenStream(IterableDataset):
             pk.carry = [int(tok[r, n - 1])] if mid_doc else None
             if n < 2 and pk.done:
                 break
-        return tok.astype(np.int64), valid
+        return tok, valid
 
     # -- iteration --------------------------------------------------------------------------------
     def _iterate(self, B: int, logical_ids: list[int]) -> Iterator[tuple[int, dict, Packer]]:
@@ -249,6 +266,16 @@ class TokenStream(IterableDataset):
         self._materialize()
         self._live = {}
         return WorkerBatches(self, batch_size, collate)
+
+    def read_ahead(self, batch_size: int, collate: Callable[[dict], dict] | None = None
+                   ) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """(logical worker, collated batch, that consumer's position after it) from a snapshot
+        of this stream's position, for a reader in this process that runs ahead of the trainer
+        (a prefetch thread). Any iteration in this process ends here; feed every item that
+        reaches the trainer to record_delivered."""
+        self._materialize()
+        self._live = {}
+        return _positioned(copy.copy(self), batch_size, collate)
 
     def record_delivered(self, worker: int, state: dict[str, Any]) -> None:
         """A batch of logical worker `worker` (of this rank) reached the trainer, leaving that
@@ -320,6 +347,14 @@ class TokenStream(IterableDataset):
         self._next = d["next_worker"]
 
 
+def _positioned(s: TokenStream, batch_size: int, collate: Callable[[dict], dict] | None
+                ) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+    """A snapshot stream's (logical worker, collated batch, consumer position after it)."""
+    for w, batch, pk in s._iterate(batch_size, s._logical_ids()):
+        out = collate(batch) if collate is not None else batch
+        yield w, out, pk.state()
+
+
 class WorkerBatches(IterableDataset):
     """What each DataLoader worker of TokenStream.worker_batches runs: its consumer's
     (logical worker, collated batch, consumer position after the batch), from a snapshot of
@@ -335,7 +370,4 @@ class WorkerBatches(IterableDataset):
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
         if get_worker_info() is None:
             raise RuntimeError("WorkerBatches runs inside DataLoader workers only")
-        s = self.stream
-        for w, batch, pk in s._iterate(self.batch_size, s._logical_ids()):
-            out = self.collate(batch) if self.collate is not None else batch
-            yield w, out, pk.state()
+        yield from _positioned(self.stream, self.batch_size, self.collate)

@@ -25,8 +25,8 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.layer_idx, self.dropout = cfg.n_head, layer_idx, cfg.dropout
         # Residual projections scaled by 1/sqrt(2 * n_layer) (GPT-2 paper, section 2.3).
         proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-        self.c_attn = Linear(cfg.d_model, 3 * cfg.d_model)
-        self.c_proj = Linear(cfg.d_model, cfg.d_model, std=proj_std)
+        self.c_attn = Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.c_proj = Linear(cfg.d_model, cfg.d_model, std=proj_std, bias=cfg.bias)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
@@ -44,8 +44,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = Linear(cfg.d_model, cfg.ff_dim)
-        self.c_proj = Linear(cfg.ff_dim, cfg.d_model, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.c_fc = Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
+        self.c_proj = Linear(cfg.ff_dim, cfg.d_model, std=0.02 / math.sqrt(2 * cfg.n_layer),
+                             bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,9 +56,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer_idx)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
@@ -78,7 +79,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         # Blocks are built one by one (not deep-copied): DeepSpeed zero.Init breaks on copies.
         self.h = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         # A real module for the output projection, so ZeRO-3 gathers the shared weight in
         # its forward hook; the weight is the embedding's (tied).
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

@@ -111,6 +111,10 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor], cfg: ModelConfig
         if ours in state_dict:
             t = state_dict[ours].detach()
             out[theirs] = (t.t() if transpose else t).contiguous()
+        elif cfg.arch == "gpt" and not cfg.bias and ours.endswith(".bias"):
+            # model.bias=False: GPT-2 with zero biases is the same function
+            w = state_dict[ours[:-len("bias")] + "weight"]  # (out, in) or LayerNorm's (C,)
+            out[theirs] = w.new_zeros(w.shape[0])
     unknown = [k for k in state_dict if k not in known]
     if unknown:
         raise ValueError(f"to_hf_state_dict: no HF name for '{unknown[0]}' "

@@ -10,9 +10,11 @@ IGNORE = -100
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over positions whose label is not IGNORE.
 
-    logits (B, T, V), labels (B, T) already aligned (a collator shifts them for CLM).
+    logits (B, T, V), labels (B, T) already aligned (a collator shifts them for CLM); any
+    integer dtype (cross_entropy takes int64 targets only: narrower labels are widened here).
     """
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten().long(),
+                           ignore_index=IGNORE)
 
 
 def distillation_loss(
@@ -26,7 +28,7 @@ def distillation_loss(
     alpha_kl: float = 5.0,
     alpha_mlm: float = 2.0,
     alpha_cos: float = 1.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DistilBERT's triple loss (Sanh et al. 2019):
     a*KL(teacher/T || student/T)*T^2 + b*MLM + c*(1 - cos(h_s, h_t)), over real tokens.
 
@@ -43,4 +45,5 @@ def distillation_loss(
     ht = teacher_hidden.float().flatten(0, 1)[keep]
     cos = (1.0 - F.cosine_similarity(hs, ht, dim=-1)).mean()
     total = alpha_kl * kl + alpha_mlm * mlm + alpha_cos * cos
-    return total, {"kl": kl.item(), "mlm": mlm.item(), "cos": cos.item()}
+    # the parts as detached 0-d tensors: the caller reads them once per step, not per batch
+    return total, {"kl": kl.detach(), "mlm": mlm.detach(), "cos": cos.detach()}

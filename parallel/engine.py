@@ -212,6 +212,12 @@ class Engine:
     def forward(self, *args: Any, **kw: Any) -> Any:
         return self._ds(*args, **kw)
 
+    def compile(self, backend: str = "inductor") -> None:
+        """torch.compile the module's forward in place (DeepSpeed's engine.compile, i.e.
+        nn.Module.compile): parameter names, checkpoints and exports are unchanged. Code that
+        must stay eager runs under torch.compiler.set_stance("force_eager")."""
+        self._ds.compile(backend=backend)
+
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch loss (DeepSpeed scales it by 1/grad_accum)."""
         self._require_trainable("backward")

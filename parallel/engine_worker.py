@@ -39,14 +39,18 @@ class EngineWorker:
         self.step = 0
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.engine.forward(ids.to(self.device), attention_mask=mask.to(self.device))
+        """Ids may be narrow (int32 stream batches): they cross narrow, widen on the device."""
+        return self.engine.forward(ids.to(self.device).long(),
+                                   attention_mask=mask.to(self.device))
 
     # ---- hooks of micro-batch training jobs ----------------------------------------------
     def next_batch(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(scalar loss, extra metrics) of one micro-batch."""
+    def loss(self, batch: dict[str, torch.Tensor]
+             ) -> tuple[torch.Tensor, dict[str, float | torch.Tensor]]:
+        """(scalar loss, extra metrics: floats or detached 0-d tensors, which train_step
+        accumulates on the device and reads once per step) of one micro-batch."""
         raise NotImplementedError
 
     @staticmethod

@@ -212,7 +212,7 @@ class ActorWorker(_RoleWorker):
         from trellis.model.losses import token_cross_entropy
         b = clm_collate(next(self.ptx))
         logits = self._forward(b["input_ids"], b["attention_mask"])
-        return token_cross_entropy(logits, b["labels"].to(self.device))
+        return token_cross_entropy(logits, b["labels"].to(self.device).long())
 
 
 class ReferenceWorker(_RoleWorker):

@@ -16,6 +16,7 @@ from transformers import (BertConfig, BertForMaskedLM as HFBertMLM, BertModel as
                           GPT2Config, GPT2LMHeadModel)
 
 from trellis.model import GPT, BertForMaskedLM, ModelConfig
+from trellis.model.hf_names import name_table
 from trellis.model.hf import (config_from_hf, from_hf_state_dict, hf_config, load_hf_pretrained,
                       save_hf_pretrained, to_hf_state_dict)
 
@@ -170,6 +171,26 @@ def test_trellis_gpt_export_loads_in_transformers(tmp_path):
     assert cfg2.d_ff == 72 and cfg2.max_seq_len == 24
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_bias_free_gpt_exports_as_gpt2_with_zero_biases(tmp_path):
+    """model.bias=False: no bias in any linear layer or LayerNorm; the export is GPT-2 with
+    zero biases, the same logits."""
+    _, cfg = _trellis_gpt()
+    cfg = ModelConfig(**{**cfg.__dict__, "bias": False})
+    torch.manual_seed(4)
+    model = GPT(cfg)
+    _scramble(model, 5)
+    model.eval()
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".bias")]
+    # every GPT-2 weight is written (transformers would otherwise init the missing ones)
+    assert set(to_hf_state_dict(model.state_dict(), cfg)) == {t for _, t, _ in name_table(cfg)}
+    hf = GPT2LMHeadModel.from_pretrained(save_hf_pretrained(model, cfg, tmp_path / "export"),
+                                         attn_implementation="eager").eval()
+    assert all(float(p.abs().max()) == 0 for n, p in hf.named_parameters() if n.endswith(".bias"))
+    ids = _ids(83, T=20)
+    with torch.no_grad():
+        assert _record("trellis gpt bias=False -> hf", hf(ids).logits, model(ids)) <= TOL
 
 
 def test_trellis_bert_export_loads_in_transformers(tmp_path):

@@ -42,6 +42,10 @@ class TrainConfig(LoopConfig):
     """seq2seq: held-out pairs translated at each evaluation for BLEU and chrF; 0 = loss only."""
     sample_translations: int = field(default=5, metadata={"min": 0})
     """seq2seq: held-out pairs whose translations are printed at the end."""
+    compile: bool = False
+    """clm/mlm/distill: torch.compile the model's training forward (inductor). The first step
+    pays the compilation (tiny GPT on CPU: ~80 s cold, ~8 s from the cache); evaluation and
+    sampling stay eager. Off by default: bench/pretrain.py --compile measures whether it pays."""
 
 
 @dataclass
@@ -67,6 +71,9 @@ class PretrainJobConfig:
         if self.model.arch != want:
             raise ValueError(f"train.objective={self.train.objective} needs model.arch={want}, "
                              f"got {self.model.arch}")
+        if self.train.compile and self.parallel.zero_stage == 3:
+            raise ValueError("train.compile needs parallel.zero_stage <= 2 (under ZeRO-3 the "
+                             "parameter-gather hooks make torch.compile recompile every module)")
         if self.train.objective == "distill" and not self.distill.teacher:
             raise ValueError("train.objective=distill needs distill.teacher (a directory)")
         if self.train.objective == "seq2seq":

@@ -22,6 +22,12 @@ from trellis.parallel.engine_worker import EngineWorker
 from trellis.parallel.rng import seed_all
 
 
+def ids_on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """Host token ids (int32 from the stream) on `dev` as int64: the narrow copy crosses to
+    the device and is widened there, right before the model and the loss."""
+    return t.to(dev).long()
+
+
 def _mask_or_none(batch: dict[str, torch.Tensor], dev: torch.device) -> torch.Tensor | None:
     """The batch's attention mask on `dev`, or None when it has no padding (packed blocks,
     all but the end of a finite epoch), so attention takes SDPA's causal kernel instead of an
@@ -42,6 +48,8 @@ class PretrainWorker(EngineWorker):
         self.cfg = c
         self._setup(rank, world_size, model, c.parallel, c.optim, c.train.steps, run_dir,
                     c.data.seq_len, c.checkpoint.keep_last)
+        if c.train.compile:
+            self.engine.compile()
         # The manifest must have been made by the tokenizer this job uses.
         # ... and hold no token id the model's embedding lacks (checked against the manifest;
         # each shard's checksum is verified on its first open in this process).
@@ -83,9 +91,9 @@ class PretrainWorker(EngineWorker):
     def next_batch(self) -> dict[str, torch.Tensor]:
         return next(self._it)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
         dev = self.engine.device
-        ids, labels = batch["input_ids"].to(dev), batch["labels"].to(dev)
+        ids, labels = ids_on(batch["input_ids"], dev), ids_on(batch["labels"], dev)
         if self.teacher is None:
             logits = self.engine.forward(ids, attention_mask=_mask_or_none(batch, dev))
             return token_cross_entropy(logits, labels), {}  # logits (B, T, V)
@@ -126,22 +134,25 @@ class PretrainWorker(EngineWorker):
                             f"each of {self.world} ranks (data.val_fraction, data.val_path)")
 
     @torch.no_grad()
+    @torch.compiler.set_stance("force_eager")  # train.compile: no extra graphs for eval shapes
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the first eval_batches micro-batches of this rank's validation split."""
         if not self.val_dir:
             return {}
         # The same held-out blocks and (for MLM) the same masks at every evaluation.
         self.engine.eval()
-        total, n = 0.0, 0
+        # summed on the device, read once
+        total, n = torch.zeros((), dtype=torch.float64, device=self.engine.device), 0
         for batch in self._val_blocks():
             batch = self.mlm(batch) if self.mlm is not None else clm_collate(batch)
-            ids = batch["input_ids"].to(self.engine.device)
+            ids = ids_on(batch["input_ids"], self.engine.device)
             logits = self.engine.forward(ids, attention_mask=_mask_or_none(batch, ids.device))
-            total += token_cross_entropy(logits, batch["labels"].to(ids.device)).item()
+            total += token_cross_entropy(logits, ids_on(batch["labels"], ids.device))
             n += 1
-        loss = dist.all_reduce_mean(total / n)
+        loss = dist.all_reduce_mean(float(total) / n)
         return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
 
+    @torch.compiler.set_stance("force_eager")  # a KV cache's growing shapes would recompile
     def sample(self, prompt_ids: list[int], max_new_tokens: int, eos_id: int) -> list[int]:
         """Greedy continuation of one prompt (GPT only)."""
         ids = torch.tensor([prompt_ids], device=self.engine.device)
