@@ -12,7 +12,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run demo-meta test test-fast bench clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ $(STAMP): setup.py Makefile
 
 run: install
 	$(BIN)/trellis pipeline --config launcher/configs/pipeline.yaml
+
+# GPT-2/GPT-3 meta-learning: in-context k-shot vs fine-tuning on held-out tasks (CPU, < 15 min).
+demo-meta: install
+	$(BIN)/trellis meta --config launcher/configs/meta.yaml
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -42,12 +42,13 @@ def test_registry_declares_each_commands_real_flags(name):
     if cmd.config:
         assert isinstance(cmd.config_class(), type)
     assert cmd.cluster_job == (name in {"ingest", "pretrain", "sft", "rm", "ppo", "pipeline",
-                                        "finetune", "eval"})
+                                        "finetune", "eval", "meta"})
 
 
 def test_cluster_jobs_view():
     kinds = cluster_jobs()
-    assert set(kinds) == {"ingest", "pretrain", "sft", "rm", "ppo", "pipeline", "finetune", "eval"}
+    assert set(kinds) == {"ingest", "pretrain", "sft", "rm", "ppo", "pipeline", "finetune", "eval",
+                          "meta"}
     assert kinds["ingest"] == {"config", "set"}
     assert {"max_failures", "no_resume", "local", "run_dir"} <= kinds["pretrain"]
     assert "max_failures" in kinds["ppo"] and "max_failures" in kinds["pipeline"]
@@ -135,7 +136,8 @@ def test_refusal_through_the_installed_cli():
     assert proc.returncode == 1 and not proc.stdout
     assert proc.stderr.strip().splitlines() == [
         "trellis submit: error: job 'export' cannot be submitted: it is not a trellis job that "
-        "runs on a cluster (allowed: eval, finetune, ingest, pipeline, ppo, pretrain, rm, sft)"]
+        "runs on a cluster (allowed: eval, finetune, ingest, meta, pipeline, ppo, pretrain, rm, "
+        "sft)"]
 
 
 def test_version_and_help_need_neither_ray_nor_deepspeed():
