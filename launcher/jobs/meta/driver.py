@@ -5,7 +5,7 @@
   -> in-context: `trellis eval` of the pretrained model on the held-out tasks with k = 0, 1,
      2, 4, 8 solved examples in the prompt (k = 0: the instruction only)
   -> fine-tuning: `trellis sft` of the same model on n = 8, 64, 512, 4096 labelled rows of
-     one held-out task (launcher/jobs/meta/sweep.py), scored 0-shot on the same rows
+     each of finetune.tasks (launcher/jobs/meta/sweep.py), scored 0-shot on the same rows
   -> RUN_DIR/results.json, results.md (printed) and meta_learning.png.
 
 Training stages whose run dir holds its final checkpoint are skipped; evaluations rerun."""
