@@ -44,10 +44,11 @@ Held out, never in the pretraining text:
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from trellis.data_pipeline.shards import atomic_write_bytes
 
 WORDS = ("apple", "fig", "pear", "kiwi", "lime", "plum", "date", "grape", "melon", "peach",
          "mango", "lemon", "olive", "berry", "cat", "dog", "cow", "pig", "owl", "bee", "ant",
@@ -336,8 +337,5 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    atomic_write_bytes(path, text.encode("utf-8"))  # a reader never sees half a file
     return path
