@@ -9,6 +9,10 @@
      trellis-nobias  (--bias-free) trellis-engine with model.bias=False: no biases in linear
                      layers and LayerNorms (a different model from GPT-2, which has them)
      hf-sdpa/eager   transformers GPT2LMHeadModel (forward with labels) + torch AdamW + clip
+     trellis-bf16    trellis-engine with parallel.precision=bf16 (DeepSpeed bf16: bf16 weights,
+                     fp32 master weights in the optimizer); by default where bf16 is native,
+                     which is what the default parallel.precision=auto picks there
+     hf-sdpa-bf16    hf-sdpa with the HF Trainer's bf16=True (fp32 weights, autocast forward)
    Every variant's AdamW is the engine's (parallel.engine.adamw: fused where torch has it,
    as the HF Trainer's default adamw_torch_fused on torch >= 2.8).
    Same random token batches; warm-up steps, then interleaved cycles (one step of each variant
@@ -22,7 +26,7 @@
    <= 0.55x. A what-if row shows ZeRO-3 with stage3_param_persistence_threshold=0.
 
     python bench/pretrain.py [--preset gpt-small-cpu] [--threads 1,2] [--cycles 10] [--no-eager]
-                               [--compile] [--bias-free] [--profile] [--only speed|memory]
+                               [--compile] [--bias-free] [--bf16 auto|on|off] [--profile] [--only speed|memory]
 """
 from __future__ import annotations
 
@@ -53,6 +57,7 @@ from trellis.model.config import ModelConfig  # noqa: E402
 from trellis.model.losses import token_cross_entropy  # noqa: E402
 from trellis.parallel.config import OptimConfig, ParallelConfig  # noqa: E402
 from trellis.parallel.engine import adamw, param_groups  # noqa: E402
+from trellis.parallel.precision import resolve_precision  # noqa: E402
 
 OPT = OptimConfig(lr=3e-4, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, grad_clip=1.0)
 Step = Callable[[torch.Tensor], dict[str, float]]  # (B, T+1) tokens -> phase seconds
@@ -76,10 +81,11 @@ def phases(fwd: Callable[[], torch.Tensor], bwd: Callable[[torch.Tensor], None],
 
 
 def trellis_engine_step(cfg: ModelConfig, batch: int, total_steps: int,
-                        compiled: bool = False) -> Step:
+                        compiled: bool = False, precision: str = "fp32") -> Step:
     from trellis.parallel.engine import Engine
     torch.manual_seed(0)
-    engine = Engine(build_model(cfg), OPT, ParallelConfig(zero_stage=0, micro_batch_size=batch),
+    engine = Engine(build_model(cfg), OPT, ParallelConfig(zero_stage=0, micro_batch_size=batch,
+                                                          precision=precision),
                     total_steps=total_steps)
     if compiled:
         engine.compile()
@@ -111,7 +117,7 @@ def trellis_plain_step(cfg: ModelConfig) -> Step:
     return plain_step(model, lambda x: token_cross_entropy(model(x[:, :-1]), x[:, 1:]))
 
 
-def hf_step(cfg: ModelConfig, attn: str) -> Step:
+def hf_step(cfg: ModelConfig, attn: str, bf16: bool = False) -> Step:
     """GPT2LMHeadModel at the same sizes (tied head, tanh GELU, no dropout). HF shifts labels
     itself, so it predicts T-1 of the T positions (trellis: T); 1/T less loss work."""
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -128,7 +134,9 @@ def hf_step(cfg: ModelConfig, attn: str) -> Step:
                            f", asked for '{attn}'")
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=x[:, :-1], labels=x[:, :-1], use_cache=False).loss
+        # bf16: the HF Trainer's bf16=True (fp32 weights, forward under CPU/GPU autocast)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model(input_ids=x[:, :-1], labels=x[:, :-1], use_cache=False).loss
     return plain_step(model, loss_fn)
 
 
@@ -170,7 +178,10 @@ def report_speed(res: dict[str, list[dict[str, float]]], tokens: int) -> None:
     print("\nratios of tokens/s: median of per-cycle ratios [quartiles], ratio of best steps, "
           "ratio of median CPU time")
     pairs = [(a, b) for a in ("trellis-engine", "trellis-compiled", "trellis-nobias",
-                              "trellis-plain") for b in res if b.startswith("hf-")]
+                              "trellis-plain") for b in res if b.startswith("hf-")
+             and not b.endswith("-bf16")]
+    pairs += [("trellis-bf16", "hf-sdpa-bf16"), ("trellis-bf16", "hf-sdpa"),
+              ("trellis-bf16", "trellis-engine")]
     for a, b in pairs + [("trellis-engine", "trellis-plain"),
                          ("trellis-compiled", "trellis-engine"),
                          ("trellis-nobias", "trellis-engine")]:
@@ -212,6 +223,9 @@ def speed(args: argparse.Namespace, cfg: ModelConfig) -> None:
     if args.bias_free:
         variants["trellis-nobias"] = trellis_engine_step(replace(cfg, bias=False), B,
                                                          10 * steps + 10)
+    if args.bf16 == "on" or (args.bf16 == "auto" and resolve_precision("auto") == "bf16"):
+        variants["trellis-bf16"] = trellis_engine_step(cfg, B, 10 * steps + 10, precision="bf16")
+        variants["hf-sdpa-bf16"] = hf_step(cfg, "sdpa", bf16=True)
     print(f"speed: {len(variants)} variants x ({args.warmup} warm-up + {args.cycles} interleaved "
           f"steps), {B} x {T} = {B * T} tokens/step", flush=True)
     res = run_interleaved(variants, data, args.warmup, args.cycles)
@@ -246,7 +260,8 @@ def memory_worker(rank: int, world: int, port: int, cfg: ModelConfig, stages: li
                 out["zero_optimization"]["stage3_param_persistence_threshold"] = persist
             return out
         pe.ds_config = patched
-        par = ParallelConfig(num_workers=world, zero_stage=stage, micro_batch_size=2)
+        par = ParallelConfig(num_workers=world, zero_stage=stage, micro_batch_size=2,
+                             precision="fp32")
         torch.manual_seed(0)
         with pe.zero_init_context(par):
             model = build_model(cfg)
@@ -332,6 +347,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="add trellis-engine with torch.compile (train.compile)")
     ap.add_argument("--bias-free", action="store_true",
                     help="add trellis-engine with model.bias=False")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="trellis-bf16 and hf-sdpa-bf16 variants: auto = where bf16 is native")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table per variant")
     ap.add_argument("--profile-rows", type=int, default=12)
     ap.add_argument("--only", choices=["speed", "memory"])

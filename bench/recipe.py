@@ -8,6 +8,8 @@ on one long embedded text: CPython's pydoc topics concatenated (~465K characters
 
     trellis-shuffled    PretrainWorker.train_step (TokenStream -> clm_collate -> DeepSpeed
     trellis-sequential  engine, in-process) with data.order shuffled / sequential
+    trellis-bf16        trellis-shuffled with parallel.precision=bf16 (what precision=auto, the
+                        default, picks on CPUs with AMX/AVX512-BF16 and on GPUs)
     trellis-nobias      trellis-shuffled with model.bias=false (no biases, as the reference;
                         not in the default --variants)
     reference           plain torch, written here: nanoGPT's model (no biases, GPT-2 init),
@@ -19,7 +21,8 @@ Steps are interleaved (one step of each variant per cycle) so load from other pr
 hits them alike; wall is the sum of each variant's step times (evaluation excluded).
 
     python bench/recipe.py [--steps 2000] [--eval-every 250] [--threads 2] [--seed 0]
-                           [--precision fp32|bf16|auto]
+                           [--precision fp32|bf16|auto] [--variants a,b,...]
+--precision sets trellis-shuffled/sequential/nobias (fp32 by default: the reference's).
 """
 from __future__ import annotations
 
@@ -257,7 +260,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
-    ap.add_argument("--variants", default="trellis-shuffled,trellis-sequential,reference")
+    ap.add_argument("--variants",
+                    default="trellis-shuffled,trellis-sequential,trellis-bf16,reference")
     return ap.parse_args(argv)
 
 
@@ -279,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             makers[f"trellis-{order}"] = lambda o=order: Trellis(
                 r, tmp_path / "train", tmp_path / "val", vocab, o, args.seed, args.precision,
                 tmp_path / f"run-{o}")
+        makers["trellis-bf16"] = lambda: Trellis(
+            r, tmp_path / "train", tmp_path / "val", vocab, "shuffled", args.seed, "bf16",
+            tmp_path / "run-bf16")
         makers["trellis-nobias"] = lambda: Trellis(
             r, tmp_path / "train", tmp_path / "val", vocab, "shuffled", args.seed,
             args.precision, tmp_path / "run-nobias", bias=False)

@@ -3,7 +3,7 @@
 config        OptimConfig, ParallelConfig, CheckpointConfig (stdlib dataclasses)
 batch         BatchPlan: micro-batch x accumulation x world arithmetic
 schedule      warmup + cosine learning-rate factor
-precision     precision "auto": bf16 where the device computes it natively, else fp32
+precision     precision "auto" (default): bf16 where the device computes it natively and pays
 dist          process-group init (gloo on CPU, NCCL on GPU), free_port, device_for_rank
 engine        Engine: the one DeepSpeed-backed engine interface trainers use
 checkpoint    atomic checkpoints with COMPLETE marker, per-rank state, prune, CheckpointError

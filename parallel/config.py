@@ -42,10 +42,11 @@ class ParallelConfig:
     """Keep optimizer state (and its step) on CPU memory; needs zero_stage >= 1."""
     offload_params: bool = False
     """Keep partitioned parameters on CPU memory; needs zero_stage 3."""
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     """Compute precision; bf16/fp16 keep fp32 master weights in the optimizer. auto: bf16
     where the device computes it natively (GPUs from Ampere on; CPUs with AVX512-BF16 or
-    AMX), else fp32; the choice is printed at start (parallel.precision)."""
+    AMX, for models at least 256 wide: below that bf16 is slower there), else fp32; the
+    choice is printed at start (parallel.precision)."""
     micro_batch_size: int = field(default=8, metadata={"min": 1})
     """Sequences per rank per forward/backward."""
     grad_accum: int = field(default=1, metadata={"min": 1})

@@ -30,7 +30,7 @@ from torch import nn
 from trellis.parallel import dist
 from trellis.parallel.batch import BatchPlan
 from trellis.parallel.config import OptimConfig, ParallelConfig
-from trellis.parallel.precision import resolve_precision
+from trellis.parallel.precision import model_width, resolve_precision
 from trellis.parallel.schedule import make_lambda_lr
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,9 @@ class Engine:
             # Nothing to partition across one rank, and ZeRO-3's gather hooks doubled a frozen
             # forward (tiny GPT on CPU: 31 vs 14 ms): a lone frozen rank runs stage 0.
             par = replace(par, zero_stage=0)
+        # auto resolves here, where the model's width is known (ds_config reads par alone)
+        self.requested_precision, self.width = par.precision, model_width(model)
+        par = replace(par, precision=resolve_precision(par.precision, self.width))
         self.plan = plan or BatchPlan.from_config(par, seq_len=1, world_size=world)
         if self.plan.world != world:
             raise ValueError(f"batch plan is for {self.plan.world} ranks, process group has {world}")
@@ -168,7 +171,7 @@ class Engine:
         self.zero_stage = self.config["zero_optimization"]["stage"]
         if par.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.precision = resolve_precision(par.precision)
+        self.precision = par.precision
         # Stage 0 fp32 has no DeepSpeed wrapper optimizer that records the gradient norm: clip
         # here (torch's foreach norm, which returns it) instead of DeepSpeed's clip, which
         # would compute the norm a second time.

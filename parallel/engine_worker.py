@@ -119,7 +119,8 @@ class EngineWorker:
 
     def info(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "plan": self.plan.describe(), "device": str(self.device),
-                "precision": describe_precision(self.engine.par.precision),
+                "precision": describe_precision(self.engine.requested_precision,
+                                                self.engine.width),
                 "compute_precision": self.engine.precision,
                 "zero_stage": self.engine.zero_stage, "trainable": self.engine.trainable,
                 "local_params": self.engine.local_param_numel(),

@@ -111,13 +111,13 @@ class RoleMemory:
         return states + max(self.activations, self.kv_cache + self.prefill) + self.buffers
 
 
-def planned_precision(precision: str, on_cpu: bool) -> str:
+def planned_precision(precision: str, on_cpu: bool, width: int | None = None) -> str:
     """'auto' as a cluster's ranks would resolve it: bf16 on GPUs (Ampere and later), on CPU
-    ranks what this machine's CPU supports (parallel/precision.py)."""
+    ranks what this machine's CPU supports for a model `width` wide (parallel/precision.py)."""
     if precision != "auto":
         return precision
     from trellis.parallel.precision import resolve_precision
-    return resolve_precision("auto") if on_cpu else "bf16"
+    return resolve_precision("auto", width) if on_cpu else "bf16"
 
 
 def engine_stage(par: ParallelConfig, trainable: bool) -> int:
@@ -130,7 +130,8 @@ def model_states(shape: ModelShape, par: ParallelConfig, trainable: bool, on_cpu
     """(params, grads, optimizer, step_extra, host) bytes of one rank; see the module doc.
     `on_cpu`: CPU ranks, where fp32 ZeRO-3 keeps a master copy too (DeepSpeed shares the
     parameters' flat buffer only when its device equals the engine's; 'cpu' != 'cpu:0')."""
-    P, N, w = shape.params, par.num_workers, BYTES[planned_precision(par.precision, on_cpu)]
+    P, N, w = shape.params, par.num_workers, BYTES[planned_precision(par.precision, on_cpu,
+                                                                      shape.d_model)]
     mixed, stage = w < 4, engine_stage(par, trainable)
     keep = sum(n for n in shape.param_sizes if n < par.zero3_persistence_threshold)
     part = (P - keep) / N + keep if stage == 3 else P  # parameter elements on this rank
@@ -165,7 +166,8 @@ def deepspeed_estimate(shape: ModelShape, par: ParallelConfig, trainable: bool,
     """(per-GPU, host per node) model-state bytes from DeepSpeed's own estimators: mixed
     precision, trainable, ZeRO-2 or ZeRO-3; None elsewhere (they assume 16-bit weights)."""
     stage = engine_stage(par, trainable)
-    if not trainable or par.precision == "fp32" or stage not in (2, 3):
+    precision = planned_precision(par.precision, not gpus_per_node, shape.d_model)
+    if not trainable or precision == "fp32" or stage not in (2, 3):
         return None
     per_node = max(1, min(par.num_workers, gpus_per_node or par.num_workers))
     nodes = math.ceil(par.num_workers / per_node)
@@ -216,7 +218,8 @@ def kv_cache_bytes(shape: ModelShape, batch: int, length: int, w: int) -> int:
 def role_memory(role: str, shape: ModelShape, par: ParallelConfig, trainable: bool,
                 work: Workload, gpus_per_node: int) -> RoleMemory:
     """One rank of `role` (par.num_workers ranks), bytes; see the module doc."""
-    par = dataclasses.replace(par, precision=planned_precision(par.precision, not gpus_per_node))
+    par = dataclasses.replace(par, precision=planned_precision(par.precision, not gpus_per_node,
+                                                               shape.d_model))
     w = BYTES[par.precision]
     params, grads, opt, extra, host = model_states(shape, par, trainable, not gpus_per_node)
     stage = engine_stage(par, trainable)

@@ -189,6 +189,7 @@ def run_job(assets: dict, kind: str, run_dir: Path, *extra: str) -> list[dict[st
         f"run_dir={run_dir}", f"init_from={assets['init']}", f"data.train={assets['data'][source]}",
         "data.val_fraction=0", f"data.max_len={MAX_LEN}", f"data.max_prompt_len={MAX_PROMPT}",
         "parallel.micro_batch_size=8", "metrics.port=-1", "train.log_every=1",
+        "parallel.precision=fp32",  # packed vs padded to 1e-5: bf16 rounding would dominate
         "train.eval_every=0", "optim.lr=2e-3", "optim.warmup_steps=0", *extra])
     job(cfg, local=True)
     return train_log(run_dir)

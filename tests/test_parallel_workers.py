@@ -60,7 +60,8 @@ class TinyTrainer:
         self.engine = None
 
     def build(self, par: dict, total_steps: int = 20, lr: float = 3e-2) -> int:
-        self.par = ParallelConfig(num_workers=self.world, **par)
+        # fp32 unless asked: these tests compare ranks and checkpoints bit for bit
+        self.par = ParallelConfig(num_workers=self.world, **{"precision": "fp32", **par})
         torch.manual_seed(0)  # identical init on every rank
         self.engine = Engine(TinyLM(), OptimConfig(lr=lr, warmup_steps=2), self.par, total_steps)
         self.step_idx = 0
@@ -184,6 +185,21 @@ def test_zero3_consolidated_checkpoint_equals_gathered_params(pair, tmp_path):
     for k, v in fp32.items():
         assert v.dtype == torch.float32 and v.shape == gathered[0][k].shape
         assert torch.equal(v, gathered[0][k]) and torch.equal(v, gathered[1][k]), k
+
+
+def test_bf16_zero3_consolidates_the_fp32_masters_the_live_weights_round(pair, tmp_path):
+    """precision=bf16 (what auto picks on AMX CPUs and GPUs): the live weights are bf16, the
+    export's source is the optimizer's fp32 masters, and the first rounds to the second."""
+    pair.call("build", {**par2(3), "precision": "bf16"})
+    pair.call("train", 3)
+    gathered = pair.call("state_dict")
+    fp32 = Engine.consolidate(os.path.join(pair.call("save", str(tmp_path))[0], "model"))
+    moved = 0
+    for k, v in fp32.items():
+        assert v.dtype == torch.float32
+        assert torch.equal(v.bfloat16().float(), gathered[0][k]), k
+        moved += int(not torch.equal(v, gathered[0][k]))
+    assert moved > 0  # the masters keep digits the bf16 weights lack
 
 
 def test_checkpoint_round_trip_at_world_two(pair, tmp_path):

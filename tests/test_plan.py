@@ -69,7 +69,8 @@ def test_mixed_precision_states_and_deepspeed_estimators(stage, offload_opt, off
         assert abs(ours - ds_gpu) <= 8, (ours, ds_gpu)
     else:  # ours holds the bf16 gradient partition besides the fp32 one at the step (+2P/N)
         assert ours == pytest.approx(ds_gpu + 2 * shape.params / 8, rel=1e-6)
-    assert deepspeed_estimate(shape, ParallelConfig(zero_stage=2), True, 8) is None  # fp32
+    assert deepspeed_estimate(shape, ParallelConfig(zero_stage=2, precision="fp32"), True,
+                              8) is None
 
 
 # ---- live engines ----------------------------------------------------------------------------

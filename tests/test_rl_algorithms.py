@@ -292,7 +292,8 @@ def test_pipeline_runs_one_rl_stage_per_algorithm(chain):
     cfg = load_config(PipelineConfig, None, [
         f"run_dir={root}", *STAGES, "rl_algorithms=[grpo, dpo]", "ppo_iterations=2",
         "ppo_eval_every=0", "ppo.prompts_per_iteration=16", "ppo.max_new_tokens=8",
-        "dpo_stage.steps=3", "dpo.prompts_per_step=8", "eval_prompts=8", "samples_shown=1"])
+        "dpo_stage.steps=3", "dpo.prompts_per_step=8", "eval_prompts=8", "samples_shown=1",
+        "precision=fp32"])  # 3 DPO steps move bf16 weights less than their rounding
     dirs = run_stages(cfg, local=True)
     assert dirs["rl"] == {"grpo": root / "grpo", "dpo": root / "dpo"}
     ran = load_config(PPOJobConfig, str(root / "grpo" / "config.yaml"), [])
@@ -346,19 +347,21 @@ def test_dpo_loss_falls_and_heldout_implicit_reward_accuracy_rises(chain, tmp_pa
 @pytest.mark.integration
 def test_dpo_precomputed_reference_matches_the_group_and_resumes(chain, tmp_path):
     from trellis.launcher.jobs.dpo.driver import dpo, is_done
-    group = dpo(dpo_job(chain, tmp_path / "group", "train.steps=3"), local=True)
-    pre = dpo(dpo_job(chain, tmp_path / "pre", "train.steps=3", "dpo.reference=precompute"),
-              local=True)
+    # fp32: the two reference paths batch rows differently, which bf16 rounds differently
+    fp32 = ("policy.parallel.precision=fp32", "reference.parallel.precision=fp32")
+    group = dpo(dpo_job(chain, tmp_path / "group", "train.steps=3", *fp32), local=True)
+    pre = dpo(dpo_job(chain, tmp_path / "pre", "train.steps=3", "dpo.reference=precompute",
+                      *fp32), local=True)
     assert set(group["info"]) == {"policy", "reference"} and set(pre["info"]) == {"policy"}
     assert (tmp_path / "pre" / "reference_logps.json").is_file()
     for key in ("loss", "accuracy", "chosen_logps"):  # the same numbers, batch padding aside
         assert abs(group[key] - pre[key]) <= 1e-4, (key, group[key], pre[key])
     job = dpo_job(chain, tmp_path / "resumed", "train.steps=3", "dpo.reference=precompute",
-                  "train.stop_after=2")
+                  "train.stop_after=2", *fp32)
     dpo(job, local=True)
     assert not is_done(job)
-    dpo(dpo_job(chain, tmp_path / "resumed", "train.steps=3", "dpo.reference=precompute"),
-        local=True)
+    dpo(dpo_job(chain, tmp_path / "resumed", "train.steps=3", "dpo.reference=precompute",
+                *fp32), local=True)
     a, b = rows(tmp_path / "pre" / "metrics" / "dpo.csv"), \
         rows(tmp_path / "resumed" / "metrics" / "dpo.csv")
     assert [r["step"] for r in b] == ["1", "2", "3"]

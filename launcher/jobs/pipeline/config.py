@@ -117,6 +117,9 @@ class PipelineConfig:
     prompt's words, or the pipeline stops with one line (0 = no gate)."""
     ppo_workers: int = field(default=1, metadata={"min": 1})
     """Ray workers per PPO role."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Every stage's parallel.precision (auto: bf16 where the device computes it natively;
+    on CPUs only for models at least 256 wide, so the demo's model trains in fp32 there)."""
     placement: Literal["colocate", "separate"] = "colocate"
     """PPO role placement."""
     comparisons_from: Literal["sft", "mixed", "corrupt"] = "mixed"

@@ -30,7 +30,7 @@ def _stage(job: Any, s: StageConfig, run_dir: Path, cfg: PipelineConfig) -> Any:
         optim=replace(job.optim, lr=s.lr, warmup_steps=max(1, s.steps // 10)),
         parallel=replace(job.parallel, micro_batch_size=s.micro_batch_size,
                          num_workers=s.num_workers, zero_stage=s.zero_stage,
-                         cpus_per_worker=0.8 / s.num_workers),
+                         cpus_per_worker=0.8 / s.num_workers, precision=cfg.precision),
         train=replace(job.train, steps=s.steps, log_every=max(1, s.steps // 5), eval_every=0,
                       max_failures=cfg.max_failures),
         metrics=replace(job.metrics, port=-1))
@@ -93,7 +93,8 @@ def ppo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, rms: list[Path],
     w = cfg.ppo_workers
 
     def role(r: Any, lr: float | None = None) -> Any:
-        par = replace(r.parallel, num_workers=w, cpus_per_worker=0.2 / w)
+        par = replace(r.parallel, num_workers=w, cpus_per_worker=0.2 / w,
+                      precision=cfg.precision)
         return replace(r, parallel=par) if lr is None else \
             replace(r, parallel=par, optim=replace(r.optim, lr=lr))
 
@@ -115,12 +116,12 @@ def dpo_config(cfg: PipelineConfig, run_dir: Path, sft: Path, comparisons: Path)
     job = DPOJobConfig(run_dir=str(run_dir), seed=cfg.seed, policy_init=str(sft),
                        data=RowsConfig(train=str(comparisons)), dpo=cfg.dpo)
     par = replace(job.policy.parallel, num_workers=s.num_workers, zero_stage=s.zero_stage,
-                  cpus_per_worker=0.4 / s.num_workers)
+                  cpus_per_worker=0.4 / s.num_workers, precision=cfg.precision)
     job = replace(job, policy=replace(job.policy, parallel=par, optim=replace(
                       job.policy.optim, lr=s.lr, warmup_steps=max(1, s.steps // 10))),
                   reference=replace(job.reference, parallel=replace(
                       job.reference.parallel, num_workers=s.num_workers,
-                      cpus_per_worker=0.4 / s.num_workers)),
+                      cpus_per_worker=0.4 / s.num_workers, precision=cfg.precision)),
                   train=replace(job.train, steps=s.steps, log_every=max(1, s.steps // 5),
                                 eval_every=0, max_failures=cfg.max_failures),
                   checkpoint=replace(job.checkpoint, every=s.steps),
