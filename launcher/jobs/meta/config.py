@@ -5,6 +5,7 @@ model on n labelled examples."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from trellis.data_pipeline.meta_episodes import MetaTaskConfig, heldout_names
 from trellis.data_pipeline.tokenizer import TokenizerConfig
@@ -64,6 +65,9 @@ class MetaDemoConfig:
     """Prompts per generation batch in every evaluation."""
     max_failures: int = field(default=0, metadata={"min": 0})
     """Worker deaths each training stage recovers from (its train.max_failures)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Every stage's parallel.precision (auto: bf16 where the device computes it natively;
+    on CPUs only for models at least 256 wide, so the demo's model trains in fp32 there)."""
 
     def __post_init__(self) -> None:
         pool = self.task.n_pool
