@@ -171,7 +171,6 @@ class Engine:
         self.zero_stage = self.config["zero_optimization"]["stage"]
         if par.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.precision = par.precision
         # Stage 0 fp32 has no DeepSpeed wrapper optimizer that records the gradient norm: clip
         # here (torch's foreach norm, which returns it) instead of DeepSpeed's clip, which
         # would compute the norm a second time.
@@ -195,6 +194,11 @@ class Engine:
     def module(self) -> nn.Module:
         """The underlying nn.Module (ZeRO-3 params are gathered by hooks during forward)."""
         return self._ds.module
+
+    @property
+    def precision(self) -> str:
+        """The compute precision in use: 'auto' already resolved for this device and model."""
+        return self.par.precision
 
     @property
     def device(self) -> torch.device:
