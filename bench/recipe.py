@@ -12,6 +12,9 @@ on one long embedded text: CPython's pydoc topics concatenated (~465K characters
                         default, picks on CPUs with AMX/AVX512-BF16 and on GPUs)
     trellis-nobias      trellis-shuffled with model.bias=false (no biases, as the reference;
                         not in the default --variants)
+    trellis-nanogpt-bf16
+                        nanoGPT's own model (model.bias=false, model.activation=gelu: exact
+                        GELU) in bf16: the recipe as its users would run it on trellis
     reference           plain torch, written here: nanoGPT's model (no biases, GPT-2 init),
                         random-offset windows, nanoGPT's get_lr, torch AdamW, clip
 
@@ -170,13 +173,15 @@ class Trellis:
     """The pretrain job's own rank worker, in-process (what `trellis pretrain --local` runs)."""
 
     def __init__(self, r: Recipe, data_dir: Path, val_dir: Path, vocab: int, order: str,
-                 seed: int, precision: str, run_dir: Path, bias: bool = True):
+                 seed: int, precision: str, run_dir: Path, bias: bool = True,
+                 activation: str = "gelu_tanh"):
         from trellis.launcher.jobs.pretrain.worker import PretrainWorker
         cfg = load_config(PretrainJobConfig, None, [
             f"run_dir={run_dir}", f"seed={seed}", f"model.vocab_size={vocab}",
             f"model.n_layer={r.n_layer}", f"model.n_head={r.n_head}",
             f"model.d_model={r.d_model}", f"model.max_seq_len={r.T}", "model.dropout=0.0",
-            f"model.bias={str(bias).lower()}", f"data.seq_len={r.T}", f"data.order={order}",
+            f"model.bias={str(bias).lower()}", f"model.activation={activation}",
+            f"data.seq_len={r.T}", f"data.order={order}",
             f"data.val_path={val_dir}",
             f"data.seed={seed}", f"parallel.micro_batch_size={r.B}",
             f"parallel.precision={precision}", f"optim.lr={r.lr}",
@@ -261,7 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--variants",
-                    default="trellis-shuffled,trellis-sequential,trellis-bf16,reference")
+                    default="trellis-shuffled,trellis-sequential,trellis-bf16,"
+                            "trellis-nanogpt-bf16,reference")
     return ap.parse_args(argv)
 
 
@@ -286,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         makers["trellis-bf16"] = lambda: Trellis(
             r, tmp_path / "train", tmp_path / "val", vocab, "shuffled", args.seed, "bf16",
             tmp_path / "run-bf16")
+        makers["trellis-nanogpt-bf16"] = lambda: Trellis(
+            r, tmp_path / "train", tmp_path / "val", vocab, "shuffled", args.seed, "bf16",
+            tmp_path / "run-nanogpt-bf16", bias=False, activation="gelu")
         makers["trellis-nobias"] = lambda: Trellis(
             r, tmp_path / "train", tmp_path / "val", vocab, "shuffled", args.seed,
             args.precision, tmp_path / "run-nobias", bias=False)

@@ -48,9 +48,10 @@ class MLP(nn.Module):
         self.c_proj = Linear(cfg.ff_dim, cfg.d_model, std=0.02 / math.sqrt(2 * cfg.n_layer),
                              bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
+        self.approximate = "tanh" if cfg.activation == "gelu_tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):

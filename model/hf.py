@@ -36,7 +36,8 @@ def hf_config(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = 
             "architectures": [architecture or "GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len,
             "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "n_inner": cfg.d_ff or None, "activation_function": "gelu_new",
+            "n_inner": cfg.d_ff or None,
+            "activation_function": "gelu_new" if cfg.activation == "gelu_tanh" else "gelu",
             "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
             "layer_norm_epsilon": cfg.layer_norm_eps, "initializer_range": 0.02,
             "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
@@ -65,8 +66,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a GPT-2 or BERT config.json dict."""
     mtype = hf.get("model_type")
     if mtype == "gpt2":
-        _require(hf, "activation_function", hf.get("activation_function", "gelu_new")
-                 in _TANH_GELUS, " or ".join(_TANH_GELUS))
+        act = hf.get("activation_function", "gelu_new")
+        _require(hf, "activation_function", act in (*_TANH_GELUS, "gelu"),
+                 " or ".join((*_TANH_GELUS, "gelu")))
         _require(hf, "scale_attn_by_inverse_layer_idx",
                  not hf.get("scale_attn_by_inverse_layer_idx", False), "false")
         _require(hf, "scale_attn_weights", hf.get("scale_attn_weights", True), "true")
@@ -78,6 +80,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
             d_model=d, d_ff=0 if inner in (None, 4 * d) else inner,
             max_seq_len=hf["n_positions"], dropout=float(hf.get("resid_pdrop", 0.1)),
             layer_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+            activation="gelu" if act == "gelu" else "gelu_tanh",
             pad_id=hf.get("pad_token_id") or 0)
     if mtype == "bert":
         _require(hf, "hidden_act", hf.get("hidden_act", "gelu") == "gelu", "gelu")

@@ -81,6 +81,14 @@ class ParallelConfig:
     compute); the engine turns it on in the model's GPT/BERT trunks (model.build's
     set_activation_checkpointing, or the model's own method of that name)."""
 
+    def engine_stage(self, trainable: bool, precision: str) -> int:
+        """The ZeRO stage the engine really runs at this (resolved) precision. Frozen engines
+        have no optimizer: ZeRO-3 or nothing. Trainable bf16 runs stage 1 where stage 0 was
+        asked (DeepSpeed's BF16_Optimizer: see parallel/engine.py)."""
+        if not trainable:
+            return 3 if self.zero_stage == 3 else 0
+        return 1 if precision == "bf16" and self.zero_stage == 0 else self.zero_stage
+
     def __post_init__(self) -> None:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")

@@ -10,6 +10,8 @@ DeepSpeed 0.19's engines allocate them (trellis's AdamW keeps exp_avg and exp_av
   0      wP      wP                    8P, +4P master when w < 4            -
   1, 2   wP      wP/N (stage 1 with    12P/N (a master copy even in fp32)   +4P/N (fp32 grad
                  grad_accum > 1: wP)                                         partition)
+  1 bf16 wP      wP + 4P (fp32 flat)   12P/N (DeepSpeed's BF16_Optimizer)   -
+  A trainable bf16 engine asked for stage 0 runs stage 1 (ParallelConfig.engine_stage).
   3      wP/N    wP/N                  8P/N, +4P/N master when w < 4 (and   +4*min(P/N, 1e9) when
                                        on CPU ranks: 'cpu' != 'cpu:0')      w < 4; +2wL gathered
   frozen (reference, reward: no optimizer, ZeRO-3 or 0): wP/N or wP; +wL gathered at ZeRO-3.
@@ -120,19 +122,14 @@ def planned_precision(precision: str, on_cpu: bool, width: int | None = None) ->
     return resolve_precision("auto", width) if on_cpu else "bf16"
 
 
-def engine_stage(par: ParallelConfig, trainable: bool) -> int:
-    """The ZeRO stage the engine really runs (frozen engines: 3 or 0, as parallel.engine)."""
-    return par.zero_stage if trainable else (3 if par.zero_stage == 3 else 0)
-
-
 def model_states(shape: ModelShape, par: ParallelConfig, trainable: bool, on_cpu: bool = False
                  ) -> tuple[int, int, int, int, int]:
     """(params, grads, optimizer, step_extra, host) bytes of one rank; see the module doc.
     `on_cpu`: CPU ranks, where fp32 ZeRO-3 keeps a master copy too (DeepSpeed shares the
     parameters' flat buffer only when its device equals the engine's; 'cpu' != 'cpu:0')."""
-    P, N, w = shape.params, par.num_workers, BYTES[planned_precision(par.precision, on_cpu,
-                                                                      shape.d_model)]
-    mixed, stage = w < 4, engine_stage(par, trainable)
+    precision = planned_precision(par.precision, on_cpu, shape.d_model)
+    P, N, w = shape.params, par.num_workers, BYTES[precision]
+    mixed, stage = w < 4, par.engine_stage(trainable, precision)
     keep = sum(n for n in shape.param_sizes if n < par.zero3_persistence_threshold)
     part = (P - keep) / N + keep if stage == 3 else P  # parameter elements on this rank
     params, gathered = w * part, (2 if trainable else 1) * w * shape.largest_layer
@@ -141,6 +138,8 @@ def model_states(shape: ModelShape, par: ParallelConfig, trainable: bool, on_cpu
         extra = gathered if stage == 3 else 0.0
     elif stage == 0:
         grads, opt, extra = w * P, (12 if mixed else 8) * P, 0.0
+    elif stage == 1 and precision == "bf16":  # BF16_Optimizer: a whole fp32 gradient buffer
+        grads, opt, extra = (w + 4) * P, 12 * P / N, 0.0
     elif stage in (1, 2):
         grads = w * P if stage == 1 and par.grad_accum > 1 else w * P / N
         opt, extra = 12 * P / N, 4 * P / N
@@ -165,8 +164,8 @@ def deepspeed_estimate(shape: ModelShape, par: ParallelConfig, trainable: bool,
                        gpus_per_node: int) -> tuple[int, int] | None:
     """(per-GPU, host per node) model-state bytes from DeepSpeed's own estimators: mixed
     precision, trainable, ZeRO-2 or ZeRO-3; None elsewhere (they assume 16-bit weights)."""
-    stage = engine_stage(par, trainable)
     precision = planned_precision(par.precision, not gpus_per_node, shape.d_model)
+    stage = par.engine_stage(trainable, precision)
     if not trainable or precision == "fp32" or stage not in (2, 3):
         return None
     per_node = max(1, min(par.num_workers, gpus_per_node or par.num_workers))
@@ -222,7 +221,7 @@ def role_memory(role: str, shape: ModelShape, par: ParallelConfig, trainable: bo
                                                                shape.d_model))
     w = BYTES[par.precision]
     params, grads, opt, extra, host = model_states(shape, par, trainable, not gpus_per_node)
-    stage = engine_stage(par, trainable)
+    stage = par.engine_stage(trainable, par.precision)
     acts = max(activation_bytes(shape, work.train_batch if trainable else 0, work.seq_len, w,
                                 par.activation_checkpointing, True, work.lm_head),
                activation_bytes(shape, work.score_batch, work.seq_len, w, False, False,

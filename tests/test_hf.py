@@ -193,6 +193,28 @@ def test_bias_free_gpt_exports_as_gpt2_with_zero_biases(tmp_path):
         assert _record("trellis gpt bias=False -> hf", hf(ids).logits, model(ids)) <= TOL
 
 
+def test_exact_gelu_gpt_exports_as_gpt2_with_gelu_and_round_trips(tmp_path):
+    """model.activation=gelu (nanoGPT's exact GELU): the export names HF's 'gelu', the logits
+    match, it reads back as the same config, and it is a different function from the tanh
+    form (the switch is live)."""
+    _, cfg = _trellis_gpt()
+    cfg = ModelConfig(**{**cfg.__dict__, "activation": "gelu"})
+    torch.manual_seed(4)
+    model = GPT(cfg)
+    _scramble(model, 5)
+    model.eval()
+    out = save_hf_pretrained(model, cfg, tmp_path / "export")
+    hf = GPT2LMHeadModel.from_pretrained(out, attn_implementation="eager").eval()
+    assert hf.config.activation_function == "gelu"
+    ids = _ids(83, T=20)
+    tanh = GPT(ModelConfig(**{**cfg.__dict__, "activation": "gelu_tanh"}))
+    tanh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert _record("trellis gpt gelu -> hf", hf(ids).logits, model(ids)) <= TOL
+        assert (tanh.eval()(ids) - model(ids)).abs().max() > 10 * TOL
+    assert load_hf_pretrained(out)[1].activation == "gelu"
+
+
 def test_trellis_bert_export_loads_in_transformers(tmp_path):
     torch.manual_seed(6)
     cfg = ModelConfig(arch="bert", vocab_size=79, n_layer=2, n_head=2, d_model=32,

@@ -187,10 +187,12 @@ def test_zero3_consolidated_checkpoint_equals_gathered_params(pair, tmp_path):
         assert torch.equal(v, gathered[0][k]) and torch.equal(v, gathered[1][k]), k
 
 
-def test_bf16_zero3_consolidates_the_fp32_masters_the_live_weights_round(pair, tmp_path):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_bf16_consolidates_the_fp32_masters_the_live_weights_round(pair, tmp_path, stage):
     """precision=bf16 (what auto picks on AMX CPUs and GPUs): the live weights are bf16, the
-    export's source is the optimizer's fp32 masters, and the first rounds to the second."""
-    pair.call("build", {**par2(3), "precision": "bf16"})
+    export's source is the optimizer's fp32 masters, and the first rounds to the second.
+    Stage 0 runs DeepSpeed's BF16_Optimizer (stage 1: masters split over the two ranks)."""
+    pair.call("build", {**par2(stage), "precision": "bf16"})
     pair.call("train", 3)
     gathered = pair.call("state_dict")
     fp32 = Engine.consolidate(os.path.join(pair.call("save", str(tmp_path))[0], "model"))

@@ -119,3 +119,76 @@ def test_bf16_and_auto_train_like_fp32_on_a_tiny_gpt():
     assert abs(tail(bf16) - tail(fp32)) < 0.05 * tail(fp32)
     assert bf16 != fp32  # bf16 really computed in bf16
     assert losses["auto"] == losses[resolve_precision("auto", cfg.d_model)]
+
+
+@pytest.mark.integration
+def test_bf16_at_stage0_accumulates_in_fp32_and_checkpoints_its_masters(tmp_path):
+    """A trainable bf16 engine asked for ZeRO-0 runs DeepSpeed's BF16_Optimizer (stage 1):
+    gradients accumulate over micro-batches in fp32, the checkpoint's consolidated weights
+    are the fp32 masters (the live bf16 weights are them rounded), and a resumed engine
+    continues the run exactly."""
+    from trellis.parallel.engine import Engine
+    cfg = ModelConfig.from_preset("gpt-tiny", vocab_size=64, max_seq_len=32)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randint(0, 64, (4, 1), generator=g) + torch.arange(17)) % 64
+            for _ in range(16)]
+    par = ParallelConfig(micro_batch_size=4, grad_accum=2, precision="bf16", zero_stage=0)
+
+    def engine() -> Engine:
+        torch.manual_seed(0)
+        return Engine(build_model(cfg), OptimConfig(lr=3e-3, warmup_steps=2), par,
+                      total_steps=8)
+
+    def train(e: Engine, batches: list[torch.Tensor]) -> list[float]:
+        out = []
+        for x in batches:
+            loss = token_cross_entropy(e(x[:, :-1]), x[:, 1:])
+            e.backward(loss)
+            e.step()
+            out.append(loss.item())
+        return out
+
+    a = engine()
+    assert a.zero_stage == 1 and type(a._ds.optimizer).__name__ == "BF16_Optimizer"
+    assert all(b.dtype == torch.float32 for b in a._ds.optimizer.fp32_groups_gradients_flat)
+    train(a, data[:8])
+    a.save(tmp_path)
+    live = a.consolidated_state_dict()  # the bf16 weights, upcast
+    masters = Engine.consolidate(tmp_path)
+    assert set(masters) == set(live)
+    assert all(torch.equal(m.bfloat16().float(), live[k]) for k, m in masters.items())
+    assert any(not torch.equal(m, live[k]) for k, m in masters.items())
+    rest = train(a, data[8:])
+    b = engine()
+    b.load(tmp_path)
+    assert b.global_step == 4
+    assert train(b, data[8:]) == rest
+
+
+def test_cpu_bf16_attention_is_differentiated_in_fp32_below_512_keys():
+    """torch's CPU flash attention differentiates slowly in bf16 at short lengths, so
+    model.layers.attention computes it in fp32 there (bf16 in and out); generation (no grad)
+    and long sequences keep the bf16 kernel."""
+    import torch.nn.functional as F
+
+    from trellis.model.layers import CPU_BF16_ATTN_FP32_BELOW, _attend_in_fp32, attention
+    g = torch.Generator().manual_seed(0)
+
+    def qkv(T: int, grad: bool) -> list[torch.Tensor]:
+        return [torch.randn(2, 2, T, 8, generator=g).bfloat16().requires_grad_(grad)
+                for _ in range(3)]
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = qkv(16, True)
+    out = attention(q, k, v, None, causal=True, dropout=0.0)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, sdpa(q.float(), k.float(), v.float()).bfloat16())
+    assert not torch.equal(out, sdpa(q, k, v))  # the bf16 kernel rounds differently
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
+    assert _attend_in_fp32(q, k)
+    assert not _attend_in_fp32(*qkv(16, False)[:2])  # generation: the bf16 kernel
+    assert not _attend_in_fp32(*qkv(CPU_BF16_ATTN_FP32_BELOW, True)[:2])
+    assert not _attend_in_fp32(*[t.float() for t in qkv(16, True)[:2]])
