@@ -42,9 +42,9 @@ TAG = "engine"
 
 # DeepSpeed trains bf16 at ZeRO stage 0 with its fp16 "unfused" optimizer: gradients
 # accumulate across micro-batches in bf16, and each step checks every gradient for inf/nan
-# and copies every parameter one by one (a nanoGPT-sized step: 17.6 ms vs 6.9 in fp32).
+# and copies every parameter one by one (a nanoGPT-sized engine step: 17.6 ms vs 6.9 in fp32).
 # Stage 1 with fp32 gradient accumulation runs its BF16_Optimizer instead (flat fp32 buffers;
-# the same step ~5 ms), so a trainable bf16 engine asked for stage 0 runs stage 1: at world
+# the same step 5.7 ms), so a trainable bf16 engine asked for stage 0 runs stage 1: at world
 # size 1 that partitions nothing; on more ranks each keeps 1/world of the fp32 masters and
 # Adam state, which only saves memory.
 
