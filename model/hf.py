@@ -26,6 +26,7 @@ from trellis.model.hf_names import hf_ignored, name_table, normalize_hf_key, tie
 _SPM_FILE = "tokenizer.model"  # = data_pipeline.tokenizer.TOKENIZER_FILE (model/ imports no data code)
 
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+_GPT2_GELUS = (*_TANH_GELUS, "gelu")  # what config_from_hf accepts; "gelu" is the exact one
 
 
 def hf_config(cfg: ModelConfig, bos_id: int | None = None, eos_id: int | None = None,
@@ -67,8 +68,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
     mtype = hf.get("model_type")
     if mtype == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        _require(hf, "activation_function", act in (*_TANH_GELUS, "gelu"),
-                 " or ".join((*_TANH_GELUS, "gelu")))
+        _require(hf, "activation_function", act in _GPT2_GELUS, " or ".join(_GPT2_GELUS))
         _require(hf, "scale_attn_by_inverse_layer_idx",
                  not hf.get("scale_attn_by_inverse_layer_idx", False), "false")
         _require(hf, "scale_attn_weights", hf.get("scale_attn_weights", True), "true")

@@ -89,6 +89,12 @@ class ParallelConfig:
             return 3 if self.zero_stage == 3 else 0
         return 1 if precision == "bf16" and self.zero_stage == 0 else self.zero_stage
 
+    def bf16_optimizer(self, trainable: bool, precision: str) -> bool:
+        """Whether the engine runs DeepSpeed's BF16_Optimizer (fp32 gradient accumulation):
+        trainable bf16 at stage 1 without optimizer offload, which it has no path for."""
+        return (trainable and precision == "bf16" and not self.offload_optimizer
+                and self.engine_stage(trainable, precision) == 1)
+
     def __post_init__(self) -> None:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError(f"offload_params needs zero_stage 3, got zero_stage {self.zero_stage}")

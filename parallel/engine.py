@@ -73,8 +73,7 @@ def ds_config(optim: OptimConfig | None, par: ParallelConfig, plan: BatchPlan,
         # BF16_Optimizer: fp32 gradient accumulation and masters in flat buffers (with
         # offload DeepSpeed keeps its ZeRO optimizer, which accumulates as it always did)
         **({"data_types": {"grad_accum_dtype": "fp32"}}
-           if trainable and precision == "bf16" and stage == 1 and not par.offload_optimizer
-           else {}),
+           if par.bf16_optimizer(trainable, precision) else {}),
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,

@@ -138,8 +138,7 @@ def model_states(shape: ModelShape, par: ParallelConfig, trainable: bool, on_cpu
         extra = gathered if stage == 3 else 0.0
     elif stage == 0:
         grads, opt, extra = w * P, (12 if mixed else 8) * P, 0.0
-    elif stage == 1 and precision == "bf16" and not par.offload_optimizer:  # BF16_Optimizer
-        # a whole fp32 gradient buffer besides the bf16 gradients
+    elif par.bf16_optimizer(trainable, precision):  # a whole fp32 gradient buffer too
         grads, opt, extra = (w + 4) * P, 12 * P / N, 0.0
     elif stage in (1, 2):
         grads = w * P if stage == 1 and par.grad_accum > 1 else w * P / N
