@@ -151,7 +151,14 @@ def test_bf16_at_stage0_accumulates_in_fp32_and_checkpoints_its_masters(tmp_path
     a = engine()
     assert a.zero_stage == 1 and type(a._ds.optimizer).__name__ == "BF16_Optimizer"
     assert all(b.dtype == torch.float32 for b in a._ds.optimizer.fp32_groups_gradients_flat)
-    train(a, data[:8])
+    # one rank: no gradient all-reduce, which changes nothing but the time it took; where
+    # there is one, it runs in fp32 (bf16 would round the fp32-accumulated gradients)
+    assert not a._ds.enable_backward_allreduce
+    assert a._ds.communication_data_type == torch.float32
+    reduced = engine()
+    reduced._ds.enable_backward_allreduce = True
+    first = train(a, data[:8])
+    assert train(reduced, data[:8]) == first
     a.save(tmp_path)
     live = a.consolidated_state_dict()  # the bf16 weights, upcast
     masters = Engine.consolidate(tmp_path)
