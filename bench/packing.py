@@ -79,7 +79,7 @@ def run(kind: str, assets: dict[str, Path], run_dir: Path, batch: int, packing: 
         f"run_dir={run_dir}", f"init_from={assets['init']}", f"data.train={assets[source]}",
         "data.val_fraction=0", f"data.max_len={args.max_len}", f"data.max_prompt_len={MAX_PROMPT}",
         f"data.packing={str(packing).lower()}", f"parallel.micro_batch_size={batch}",
-        "metrics.port=-1", f"train.steps={args.steps}", "train.log_every=1",
+        "parallel.precision=fp32", "metrics.port=-1", f"train.steps={args.steps}", "train.log_every=1",
         "train.eval_every=0", "checkpoint.resume=false"])
     job(cfg, local=True)
     with open(run_dir / "metrics" / "train.csv", newline="") as f:

@@ -45,7 +45,7 @@ class ParallelConfig:
     precision: Literal["fp32", "bf16", "fp16", "auto"] = "auto"
     """Compute precision; bf16/fp16 keep fp32 master weights in the optimizer. auto: bf16
     where the device computes it natively (GPUs from Ampere on; CPUs with AVX512-BF16 or
-    AMX, for models at least 256 wide: below that bf16 is slower there), else fp32; the
+    AMX, for models at least 128 wide: below that bf16 gains little there), else fp32; the
     choice is printed at start (parallel.precision)."""
     micro_batch_size: int = field(default=8, metadata={"min": 1})
     """Sequences per rank per forward/backward."""

@@ -156,8 +156,9 @@ def _quiet_deepspeed() -> None:
 
 
 def _quiet_prints() -> contextlib.AbstractContextManager:
-    """BF16_Optimizer prints memory usage to stdout (see_memory_usage(force=True)), 12 lines
-    per engine; TRELLIS_DS_VERBOSE=1 keeps them."""
+    """DeepSpeed's prints to stdout: BF16_Optimizer's memory usage (see_memory_usage(
+    force=True)), 12 lines per engine, and zero_to_fp32's 'Reconstructed fp32 state dict'
+    lines per consolidation; TRELLIS_DS_VERBOSE=1 keeps them."""
     if os.environ.get("TRELLIS_DS_VERBOSE"):
         return contextlib.nullcontext()
     return contextlib.redirect_stdout(io.StringIO())
@@ -357,7 +358,7 @@ class Engine:
             optim = sorted(tag_dir.glob("*optim_states.pt"))
             if optim:
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-                with safe_torch_load():
+                with safe_torch_load(), _quiet_prints():
                     if "zero_stage" in torch.load(optim[0], mmap=True)["optimizer_state_dict"]:
                         sd = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
                     else:

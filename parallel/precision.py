@@ -4,9 +4,12 @@ else fp32.
 GPUs: torch.cuda.is_bf16_supported() (Ampere and later), any model. CPUs: AVX512-BF16 or AMX
 (Intel Cooper Lake / Sapphire Rapids and later, AMD Zen 4), for models at least
 CPU_BF16_MIN_WIDTH wide; elsewhere bf16 is emulated and slower than fp32. Measured on an AMX
-CPU (DeepSpeed bf16 vs fp32 engine step, 1 thread): d_model 384 1.8x faster, 256 1.6x; at
-128 the casts and the bf16 optimizer's master copies eat the gain (1.12x at 8 x 256 tokens
-per step, 0.7x on nanoGPT's character recipe, 12 x 64), so small models stay in fp32 there.
+CPU (bench/pretrain.py, DeepSpeed engine step, bf16 vs fp32, 8 x 256 tokens, 1 / 2 threads):
+d_model 256 2.14x / 1.93x, 128 1.35x / 1.22x, 64 1.31x / 1.16x [1.08..1.28]; nanoGPT's
+character recipe (d_model 128, 12 x 64 tokens) 1.29x (bench/recipe.py). That is with
+BF16_Optimizer at stage 0 and attention differentiated in fp32 (model.layers); before those,
+bf16 lost at 128 (0.7-1.1x). 64 gains least and least surely, and the tiny test and demo
+models are that wide, so the line is at 128.
 bf16 keeps fp32 master weights in the optimizer (DeepSpeed); exports read the masters."""
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CPU_BF16_MIN_WIDTH = 256
+CPU_BF16_MIN_WIDTH = 128
 """Hidden width from which `auto` picks bf16 on a CPU with native bf16 (see above)."""
 
 

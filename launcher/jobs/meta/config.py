@@ -67,7 +67,7 @@ class MetaDemoConfig:
     """Worker deaths each training stage recovers from (its train.max_failures)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Every stage's parallel.precision (auto: bf16 where the device computes it natively;
-    on CPUs only for models at least 256 wide, so the demo's model trains in fp32 there)."""
+    on CPUs only for models at least 128 wide: parallel.precision)."""
 
     def __post_init__(self) -> None:
         pool = self.task.n_pool

@@ -119,7 +119,7 @@ class PipelineConfig:
     """Ray workers per PPO role."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Every stage's parallel.precision (auto: bf16 where the device computes it natively;
-    on CPUs only for models at least 256 wide, so the demo's model trains in fp32 there)."""
+    on CPUs only for models at least 128 wide: parallel.precision)."""
     placement: Literal["colocate", "separate"] = "colocate"
     """PPO role placement."""
     comparisons_from: Literal["sft", "mixed", "corrupt"] = "mixed"
