@@ -45,7 +45,7 @@ def resolve_config(cls: type, args: argparse.Namespace) -> Any:
         overrides.append("checkpoint.resume=false")
     cfg = load_config(cls, args.config, overrides, job=getattr(args, "command", None))
     par = getattr(cfg, "parallel", None)
-    if args.local and par is not None and par.num_workers != 1:
+    if getattr(args, "local", False) and par is not None and par.num_workers != 1:
         raise ConfigError(f"config key 'parallel.num_workers': --local runs one worker, "
                           f"got {par.num_workers}")
     return cfg
