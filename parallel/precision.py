@@ -8,8 +8,8 @@ CPU (bench/pretrain.py, DeepSpeed engine step, bf16 vs fp32, 8 x 256 tokens, 1 /
 d_model 256 2.14x / 1.93x, 128 1.35x / 1.22x, 64 1.31x / 1.16x [1.08..1.28]; nanoGPT's
 character recipe (d_model 128, 12 x 64 tokens) 1.29x (bench/recipe.py). That is with
 BF16_Optimizer at stage 0 and attention differentiated in fp32 (model.layers); before those,
-bf16 lost at 128 (0.7-1.1x). 64 gains least and least surely, and the tiny test and demo
-models are that wide, so the line is at 128.
+bf16 lost at 128 (0.7-1.1x). 64 gains least and least surely, and the tests' tiny models (and
+the meta demo's) are that wide, so the line is at 128.
 bf16 keeps fp32 master weights in the optimizer (DeepSpeed); exports read the masters."""
 from __future__ import annotations
 
